@@ -1,0 +1,91 @@
+"""Shared fixtures: a throwaway Postgres database per test session, a private Redis database, and
+settings that point at them. Nothing here touches any other database.
+
+`TEST_PG_ADMIN_URL` (default postgresql://postgres@127.0.0.1:5432/postgres) is where the session
+database is created and dropped; `TEST_REDIS_URL` (default redis://127.0.0.1:6379/13) is flushed.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import psycopg
+import pytest
+import redis
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, create_engine, text
+
+from worker.settings import Settings
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PG_ADMIN_URL = os.environ.get("TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_TEST_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
+
+TEST_API_KEY = "test-api-key-1"
+TEST_SECRET_KEY = "test-secret-Zq8vN3"
+
+
+def _server_url(database: str) -> str:
+    base, _, _ = PG_ADMIN_URL.rpartition("/")
+    return f"{base}/{database}"
+
+
+def alembic_config(database_url: str) -> Config:
+    config = Config(os.path.join(ROOT, "alembic.ini"))
+    config.set_main_option("script_location", os.path.join(ROOT, "migrations"))
+    config.attributes["database_url"] = database_url
+    return config
+
+
+@pytest.fixture(scope="session")
+def database_url() -> str:
+    name = f"esms_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    url = _server_url(name).replace("postgresql://", "postgresql+psycopg://", 1)
+    command.upgrade(alembic_config(url), "head")
+    yield url
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def session_engine(database_url: str) -> Engine:
+    engine = create_engine(database_url, pool_size=8, max_overflow=8)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def engine(session_engine: Engine) -> Engine:
+    """The session database, emptied: tests here commit, and other processes must see it."""
+    with session_engine.begin() as conn:
+        conn.execute(text("TRUNCATE messages, poll_batches"))
+    return session_engine
+
+
+@pytest.fixture
+def redis_url() -> str:
+    client = redis.Redis.from_url(REDIS_TEST_URL)
+    client.flushdb()
+    client.close()
+    return REDIS_TEST_URL
+
+
+@pytest.fixture
+def make_settings(database_url: str, redis_url: str):
+    """Settings for this test's database and Redis; keyword arguments override fields."""
+
+    def build(**overrides) -> Settings:
+        values = {
+            "database_url": database_url,
+            "redis_url": redis_url,
+            "esms_api_key": TEST_API_KEY,
+            "esms_secret_key": TEST_SECRET_KEY,
+        }
+        values.update(overrides)
+        return Settings(_env_file=None, **values)
+
+    return build

@@ -1,0 +1,222 @@
+"""The store and scheduler on a real Postgres: claims, leases, merge rules, backoff, expiry."""
+
+from __future__ import annotations
+
+import threading
+from decimal import Decimal
+
+import pytest
+from sqlalchemy import text
+
+from worker import scheduler, store
+from worker.records import CallbackRecord
+
+pytestmark = pytest.mark.integration
+
+
+def insert(engine, rows, *, due_now=True):
+    with engine.begin() as conn:
+        conn.execute(
+            text("INSERT INTO messages (ref_id, oa_id, account) VALUES (:ref_id, :oa_id, :account)"),
+            [{"account": "default", **row} for row in rows],
+        )
+        if due_now:
+            conn.execute(text("UPDATE messages SET next_poll_at = now() - interval '1 second'"))
+
+
+def fetch(engine, ref_id):
+    with engine.begin() as conn:
+        return conn.execute(
+            text("SELECT * FROM messages WHERE ref_id = :r"), {"r": ref_id}
+        ).mappings().one()
+
+
+def lease(engine, settings, account="default"):
+    with engine.begin() as conn:
+        rows = store.claim_due(conn, account, 10_000)
+        batches = scheduler.group_into_batches(account, rows, settings.esms_batch_size, 1000)
+        store.lease_batches(conn, account, batches, settings.lease_seconds)
+    return batches
+
+
+def test_new_rows_get_first_poll_after_interval(engine, make_settings):
+    insert(engine, [{"ref_id": "a", "oa_id": "oa1"}], due_now=False)
+    with engine.begin() as conn:
+        assert store.initialize_new(conn, 30) == 1
+        gap = conn.execute(
+            text("SELECT extract(epoch FROM next_poll_at - created_at) FROM messages")
+        ).scalar()
+    assert float(gap) == pytest.approx(30)
+
+
+def test_two_claimers_never_get_the_same_ref_id(engine, make_settings):
+    insert(engine, [{"ref_id": f"r{i}", "oa_id": f"oa{i % 3}"} for i in range(3000)])
+    settings = make_settings(esms_batch_size=50)
+    claimed: list[list[store.Batch]] = [[], []]
+    barrier = threading.Barrier(2)
+
+    def claimer(slot):
+        with engine.begin() as conn:
+            barrier.wait()
+            rows = store.claim_due(conn, "default", 1600)
+            batches = scheduler.group_into_batches("default", rows, 50, 1000)
+            store.lease_batches(conn, "default", batches, 60)
+        claimed[slot] = batches
+
+    threads = [threading.Thread(target=claimer, args=(slot,)) for slot in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    ids = [ref for batches in claimed for batch in batches for ref in batch.ref_ids]
+    assert len(ids) == len(set(ids)) == 3000
+    # A leased row is not due again until its lease runs out.
+    with engine.begin() as conn:
+        assert store.claim_due(conn, "default", 10) == []
+        assert conn.execute(text("SELECT count(*) FROM poll_batches")).scalar() == len(
+            claimed[0]
+        ) + len(claimed[1])
+
+
+def test_batches_hold_one_oa_and_at_most_batch_size(engine, make_settings):
+    insert(engine, [{"ref_id": f"r{i}", "oa_id": f"oa{i % 4}"} for i in range(1000)])
+    settings = make_settings(esms_batch_size=200)
+    batches = lease(engine, settings)
+    with engine.begin() as conn:
+        for batch in batches:
+            assert len(batch.ref_ids) <= 200
+            oas = conn.execute(
+                text("SELECT DISTINCT oa_id FROM messages WHERE ref_id = ANY(:ids)"),
+                {"ids": list(batch.ref_ids)},
+            ).scalars().all()
+            assert oas == [batch.oa_id]
+            leased = conn.execute(
+                text("SELECT count(*) FROM messages WHERE lease_id = :id"), {"id": batch.id}
+            ).scalar()
+            assert leased == len(batch.ref_ids)
+
+
+def test_empty_oa_and_unknown_account_are_never_claimed(engine, make_settings):
+    insert(engine, [{"ref_id": "blank", "oa_id": ""}])
+    with engine.begin() as conn:
+        conn.execute(
+            text("INSERT INTO messages (ref_id, oa_id, account, next_poll_at) "
+                 "VALUES ('other', 'oa1', 'nobody', now() - interval '1 s')")
+        )
+    report = scheduler.schedule_tick(engine, make_settings(), lambda batches: None)
+    assert report.batches == []
+
+
+def test_complete_batch_merges_and_backs_off(engine, make_settings):
+    settings = make_settings(poll_interval_seconds=30, poll_max_interval_seconds=100)
+    insert(engine, [{"ref_id": "done", "oa_id": "oa"}, {"ref_id": "wait", "oa_id": "oa"},
+                    {"ref_id": "none", "oa_id": "oa"}])
+    intervals = []
+    for _ in range(4):
+        with engine.begin() as conn:
+            conn.execute(text("UPDATE messages SET next_poll_at = now() WHERE state = 'pending'"))
+        (batch,) = lease(engine, settings)
+        records = [
+            CallbackRecord("done", send_status=5, send_success=1, total_price=Decimal("385.5"),
+                           error_info='{"error":0,"message":"Success"}'),
+            CallbackRecord("wait", send_status=2),
+            CallbackRecord("stranger", send_status=5, send_success=1),
+        ]
+        with engine.begin() as conn:
+            store.complete_batch(conn, batch, records, settings)
+            intervals.append(float(conn.execute(text(
+                "SELECT extract(epoch FROM next_poll_at - last_polled_at) FROM messages "
+                "WHERE ref_id = 'none'")).scalar()))
+    assert intervals == pytest.approx([30, 60, 100, 100], abs=0.5)
+    done = fetch(engine, "done")
+    assert (done["state"], done["send_status"], done["total_price"]) == ("sent", 5, Decimal("385.5"))
+    assert done["resolved_at"] is not None and done["next_poll_at"] is None
+    assert done["error_code"] == 0 and done["poll_count"] == 1
+    wait = fetch(engine, "wait")
+    assert (wait["state"], wait["send_status"], wait["poll_count"]) == ("pending", 2, 4)
+    with engine.begin() as conn:
+        assert conn.execute(text("SELECT count(*) FROM messages WHERE ref_id='stranger'")).scalar() == 0
+        assert conn.execute(text("SELECT count(*) FROM poll_batches")).scalar() == 0
+
+
+def test_merge_is_forward_only(engine):
+    insert(engine, [{"ref_id": "m", "oa_id": "oa"}])
+
+    def merge(*records):
+        with engine.begin() as conn:
+            return store.merge_callbacks(conn, list(records))
+
+    assert merge(CallbackRecord("m", send_status=7)) == 1
+    # An older status does not undo a later one.
+    assert merge(CallbackRecord("m", send_status=2)) == 0
+    assert fetch(engine, "m")["send_status"] == 7
+    # Duplicates in one answer: the most advanced wins, whatever the order.
+    final = CallbackRecord("m", send_status=5, send_success=0, send_failed=1,
+                           error_info='{"error":-118,"message":"x"}')
+    assert merge(final, CallbackRecord("m", send_status=2)) == 1
+    row = fetch(engine, "m")
+    assert (row["state"], row["error_code"], row["send_failed"]) == ("failed", -118, 1)
+    # A final row never changes again: not by a later "sent", not by the same batch twice.
+    assert merge(CallbackRecord("m", send_status=5, send_success=1)) == 0
+    assert merge(final) == 0
+    again = fetch(engine, "m")
+    assert (again["state"], again["resolved_at"], again["updated_at"]) == (
+        "failed", row["resolved_at"], row["updated_at"])
+
+
+def test_rejected_is_final(engine):
+    insert(engine, [{"ref_id": "r", "oa_id": "oa"}])
+    with engine.begin() as conn:
+        store.merge_callbacks(conn, [CallbackRecord("r", send_status=4)])
+    assert fetch(engine, "r")["state"] == "rejected"
+
+
+def test_release_changes_no_data(engine, make_settings):
+    settings = make_settings()
+    insert(engine, [{"ref_id": "x", "oa_id": "oa"}])
+    with engine.begin() as conn:
+        store.merge_callbacks(conn, [CallbackRecord("x", send_status=2, phone_number="0909")])
+    before = fetch(engine, "x")
+    (batch,) = lease(engine, settings)
+    with engine.begin() as conn:
+        store.release_batch(conn, batch.id, 0)
+    after = fetch(engine, "x")
+    for column in ("state", "send_status", "phone_number", "poll_count", "updated_at"):
+        assert after[column] == before[column]
+    assert after["lease_id"] is None
+
+
+def test_lapsed_lease_makes_rows_due_again(engine, make_settings):
+    settings = make_settings(lease_seconds=0.2)
+    insert(engine, [{"ref_id": "l", "oa_id": "oa"}])
+    (batch,) = lease(engine, settings)
+    with engine.begin() as conn:
+        assert store.claim_due(conn, "default", 10) == []
+        conn.execute(text("SELECT pg_sleep(0.3)"))
+    with engine.begin() as conn:
+        assert store.load_batch(conn, batch.id, 0) is None
+        assert [row.ref_id for row in store.claim_due(conn, "default", 10)] == ["l"]
+
+
+def test_expiry_sweep(engine, make_settings):
+    insert(engine, [{"ref_id": "old", "oa_id": "oa"}, {"ref_id": "young", "oa_id": "oa"}])
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE messages SET created_at = now() - interval '4 days' "
+                          "WHERE ref_id = 'old'"))
+        assert store.expire_old(conn, 259200) == 1
+        store.merge_callbacks(conn, [CallbackRecord("old", send_status=5, send_success=1)])
+    old = fetch(engine, "old")
+    assert (old["state"], old["send_status"]) == ("expired", None)
+    assert old["resolved_at"] is not None
+    assert fetch(engine, "young")["state"] == "pending"
+
+
+def test_scheduler_keeps_queue_short(engine, make_settings):
+    settings = make_settings(esms_batch_size=10, schedule_lookahead_seconds=2)
+    insert(engine, [{"ref_id": f"q{i}", "oa_id": "oa"} for i in range(5000)])
+    sent = []
+    first = scheduler.schedule_tick(engine, settings, sent.extend)
+    wanted = scheduler.batches_wanted(settings, 0)
+    assert len(first.batches) == wanted == len(sent)
+    # Nothing completed: the next tick adds nothing.
+    assert scheduler.schedule_tick(engine, settings, sent.extend).batches == []

@@ -1,0 +1,54 @@
+"""The Celery app and its whole runtime configuration: `celery -A worker worker|beat|flower`.
+
+Everything a reader needs to know about how tasks run is in this file. The bare
+`celery -A worker worker` reaches full throughput: the work is waiting on HTTP, so a pool of
+threads in one process keeps enough requests in flight for the rate budget at little memory.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from celery import Celery
+
+from worker.settings import get_settings
+
+settings = get_settings()
+
+app = Celery("worker", include=["worker.tasks"])
+app.conf.update(
+    broker_url=settings.redis_url.get_secret_value(),
+    broker_connection_retry_on_startup=True,
+    # Redis redelivers an unacknowledged task after this long; it must exceed the longest task
+    # (limiter wait + request timeout + write, well under a minute) so a slow task is not run
+    # twice. A lost batch does not wait for this: its Postgres lease expires first.
+    broker_transport_options={"visibility_timeout": 300},
+    task_default_queue="esms",
+    task_serializer="json",
+    accept_content=["json"],
+    # Results live in Postgres; nothing reads Celery results.
+    task_ignore_result=True,
+    # Acknowledge after the task ran, and requeue it if the worker process dies mid-task: a
+    # redelivered poll finds its lease gone and does nothing, a lost one is retaken by the lease.
+    task_acks_late=True,
+    task_reject_on_worker_lost=True,
+    # One task reserved per thread: the queue stays in Redis where every worker can take from it.
+    worker_prefetch_multiplier=1,
+    # Poll tasks wait on the rate limiter and on HTTP, not on CPU: threads, enough of them to keep
+    # rate × (slowest response + write) requests in flight.
+    worker_pool="threads",
+    worker_concurrency=settings.worker_concurrency,
+    # Flower sees tasks as soon as they are sent, not only when a worker starts them.
+    worker_send_task_events=True,
+    task_send_sent_event=True,
+    timezone="UTC",
+    enable_utc=True,
+    beat_schedule={
+        "schedule-due-batches": {
+            "task": "esms.schedule",
+            "schedule": timedelta(seconds=settings.schedule_tick_seconds),
+            # A tick nobody ran in time is worthless: the next one does the same work.
+            "options": {"expires": max(2 * settings.schedule_tick_seconds, 2.0)},
+        },
+    },
+)

@@ -1,0 +1,125 @@
+"""The eSMS GetCallback client: the only code that knows the provider's wire format.
+
+`EsmsClient.get_callback` sends one request (one account, one OAId, at most the batch size of
+RefIds) and returns the parsed records, or raises one of the errors in `worker.errors`. It never
+retries and never sleeps: rate and retries are the scheduler's business. The SecretKey is unwrapped
+only inside the request body and never reaches a log line, an exception or a repr.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from decimal import Decimal
+
+import httpx
+
+from worker.errors import (
+    AccountRejected,
+    MalformedResponse,
+    OARejected,
+    ProviderRejected,
+    ProviderUnavailable,
+    RateLimited,
+)
+from worker.records import CallbackRecord, parse_callback_items
+from worker.settings import Account
+
+GET_CALLBACK_PATH = "/ZaloCallback/GetCallback"
+CODE_SUCCESS = 100
+CODE_TPS_EXCEEDED = 160
+ACCOUNT_CODES = {101: "wrong ApiKey/SecretKey", 140: "IP not whitelisted", 143: "account locked"}
+OA_CODES = {204: "OAId does not exist", 799: "OAId inactive or not on the account"}
+_BODY_SAMPLE = 120
+
+
+class EsmsClient:
+    """A pooled HTTP client for one provider base URL; share it across threads of one process."""
+
+    def __init__(self, base_url: str, timeout_seconds: float, *, max_connections: int = 64) -> None:
+        self._url = base_url.rstrip("/") + GET_CALLBACK_PATH
+        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+        self._http = httpx.Client(timeout=httpx.Timeout(timeout_seconds), limits=limits)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def get_callback(
+        self, account: Account, oa_id: str, ref_ids: Sequence[str]
+    ) -> list[CallbackRecord]:
+        body = {
+            "ApiKey": account.api_key.get_secret_value(),
+            "SecretKey": account.secret_key.get_secret_value(),
+            "ListRefid": list(ref_ids),
+            "OAId": oa_id,
+        }
+        try:
+            response = self._http.post(self._url, json=body)
+        except httpx.TimeoutException as exc:
+            raise ProviderUnavailable(f"timeout ({type(exc).__name__})") from None
+        except httpx.HTTPError as exc:
+            raise ProviderUnavailable(f"transport error ({type(exc).__name__})") from None
+        return parse_get_callback_response(response.status_code, response.content)
+
+
+def parse_get_callback_response(status_code: int, content: bytes) -> list[CallbackRecord]:
+    """Records from a GetCallback answer, or the error that answer means."""
+    if status_code == 429:
+        raise RateLimited("HTTP 429")
+    if status_code >= 500:
+        raise ProviderUnavailable(f"HTTP {status_code}")
+    payload = _decode_json(content, status_code)
+    code = _result_code(payload)
+    if code is None:
+        raise MalformedResponse(f"HTTP {status_code}, no numeric Code in body")
+    if code != CODE_SUCCESS:
+        raise _error_for_code(code, payload)
+    if status_code >= 400:
+        raise MalformedResponse(f"HTTP {status_code} with Code {code}")
+    items = payload.get("Data_callback")
+    if items is None:
+        # A .NET service serialises an empty list as null; with Code 100 that means "no
+        # callback for any of these yet", which changes no data either way.
+        return []
+    if not isinstance(items, list):
+        raise MalformedResponse(f"Data_callback is {type(items).__name__}, not an array")
+    return parse_callback_items(items)
+
+
+def _decode_json(content: bytes, status_code: int) -> dict:
+    try:
+        payload = json.loads(content, parse_float=Decimal)
+    except (ValueError, UnicodeDecodeError):
+        sample = content[:_BODY_SAMPLE].decode("utf-8", "replace").replace("\n", " ")
+        raise MalformedResponse(f"HTTP {status_code}, body is not JSON: {sample!r}") from None
+    if not isinstance(payload, dict):
+        raise MalformedResponse(f"HTTP {status_code}, body is {type(payload).__name__}, not an object")
+    return payload
+
+
+def _result_code(payload: dict) -> int | None:
+    # The poll API sends `Code` as a number; sibling APIs send `CodeResult`/`CodeResponse` strings.
+    for key in ("Code", "CodeResult", "CodeResponse"):
+        value = payload.get(key)
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str | Decimal):
+            try:
+                return int(str(value).strip())
+            except ValueError:
+                continue
+    return None
+
+
+def _error_for_code(code: int, payload: dict) -> Exception:
+    message = payload.get("Message")
+    detail = f"Code {code}" + (f" ({str(message)[:_BODY_SAMPLE]})" if message else "")
+    if code == CODE_TPS_EXCEEDED:
+        return RateLimited(detail, code=code)
+    if code in ACCOUNT_CODES:
+        return AccountRejected(f"{detail}: {ACCOUNT_CODES[code]}", code=code)
+    if code in OA_CODES:
+        return OARejected(f"{detail}: {OA_CODES[code]}", code=code)
+    return ProviderRejected(detail, code=code)

@@ -1,0 +1,87 @@
+"""The schema as SQLAlchemy tables: what Alembic migrates to and what the migration test compares.
+
+`messages` is the operator contract: the sending system inserts `ref_id`, `oa_id` (and optionally
+`account`); the daemon owns every other column. Partial indexes cover only pending rows, so finding
+due work costs the same beside ten million final rows as beside none. `poll_batches` holds the
+leases: one row per in-flight GetCallback request, with the RefIds it carries and when its claim
+runs out. Queries live in `worker.store`, not here.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    CheckConstraint,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    MetaData,
+    Numeric,
+    Table,
+    Text,
+    Uuid,
+    text,
+)
+from sqlalchemy.dialects.postgresql import ARRAY
+
+metadata = MetaData()
+
+PENDING = text("state = 'pending'")
+
+messages = Table(
+    "messages",
+    metadata,
+    Column("ref_id", Text, primary_key=True),
+    Column("account", Text, nullable=False, server_default=text("'default'")),
+    Column("oa_id", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+    Column("state", Text, nullable=False, server_default=text("'pending'")),
+    Column("send_status", Integer),
+    Column("send_success", Integer),
+    Column("send_failed", Integer),
+    Column("total_receiver", Integer),
+    Column("total_sent", Integer),
+    Column("type_id", Integer),
+    Column("telco_id", Integer),
+    Column("total_price", Numeric),
+    Column("request_id", Text),
+    Column("phone_number", Text),
+    Column("callback_url", Text),
+    Column("partner_ids", Text),
+    Column("error_info", Text),
+    Column("zns_temp_id", Text),
+    Column("error_code", Integer),
+    Column("poll_count", Integer, nullable=False, server_default=text("0")),
+    Column("last_polled_at", DateTime(timezone=True)),
+    Column("next_poll_at", DateTime(timezone=True)),
+    Column("resolved_at", DateTime(timezone=True)),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+    Column("lease_id", Uuid),
+    CheckConstraint(
+        "state IN ('pending', 'sent', 'failed', 'rejected', 'expired')", name="messages_state_check"
+    ),
+    # Due work per account, oldest first.
+    Index("messages_due_idx", "account", "next_poll_at", postgresql_where=PENDING),
+    # New rows the scheduler has not given a first poll time yet.
+    Index(
+        "messages_new_idx",
+        "created_at",
+        postgresql_where=text("state = 'pending' AND next_poll_at IS NULL"),
+    ),
+    # Expiry sweep and "oldest pending" age.
+    Index("messages_pending_created_idx", "created_at", postgresql_where=PENDING),
+    # The rows a batch holds, for its completion.
+    Index("messages_lease_idx", "lease_id", postgresql_where=text("lease_id IS NOT NULL")),
+)
+
+poll_batches = Table(
+    "poll_batches",
+    metadata,
+    Column("id", Uuid, primary_key=True),
+    Column("account", Text, nullable=False),
+    Column("oa_id", Text, nullable=False),
+    Column("ref_ids", ARRAY(Text), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+    Column("lease_expires_at", DateTime(timezone=True), nullable=False),
+    Index("poll_batches_account_idx", "account", "lease_expires_at"),
+)

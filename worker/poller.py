@@ -1,0 +1,109 @@
+"""One poll: the body of the poll task, as a plain function that tests call directly.
+
+`poll_batch` loads its leased batch, waits for its slot in the account's shared rate budget, calls
+GetCallback with no transaction open, and writes the answer in one transaction. A failed request
+changes no message's data: the batch's rows are released to be due again after a short delay, and
+one log line names the account, OAId, batch size and reason (never a key). Code 160 also pushes
+the account's budget back, so every worker slows down together.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+
+from sqlalchemy import Engine
+
+from worker import store
+from worker.errors import ProviderError, RateLimited
+from worker.esms_client import EsmsClient
+from worker.ratelimit import RateLimiter
+from worker.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# A request that finds no slot within this wait gives its batch back rather than holding a worker.
+MAX_LIMITER_WAIT_SECONDS = 10.0
+# After "too fast" (Code 160) the account's whole budget pauses this long.
+RATE_LIMITED_PAUSE_SECONDS = 1.0
+# The lease must outlive the wait, the request and the write; a batch with less left is skipped.
+_LEASE_RESERVE_SECONDS = 5.0
+
+
+class Outcome(enum.StrEnum):
+    DONE = "done"
+    STALE = "stale"  # lease gone or too short: another request may own these RefIds now
+    NO_SLOT = "no_slot"  # rate budget busy beyond the wait we accept
+    UNKNOWN_ACCOUNT = "unknown_account"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class PollResult:
+    outcome: Outcome
+    size: int = 0
+    items: int = 0
+    changed: int = 0
+    reason: str | None = None
+
+
+def poll_batch(
+    batch_id: uuid.UUID,
+    *,
+    settings: Settings,
+    engine: Engine,
+    client: EsmsClient,
+    limiter: RateLimiter,
+) -> PollResult:
+    min_remaining = MAX_LIMITER_WAIT_SECONDS + settings.esms_timeout_seconds + _LEASE_RESERVE_SECONDS
+    with engine.begin() as conn:
+        batch = store.load_batch(conn, batch_id, min_remaining)
+    if batch is None:
+        log.info("batch %s: lease gone or too short, not sent", batch_id)
+        return PollResult(Outcome.STALE)
+
+    account = settings.accounts.get(batch.account)
+    size = len(batch.ref_ids)
+    if account is None:
+        _release(engine, batch, settings.poll_max_interval_seconds)
+        return PollResult(Outcome.UNKNOWN_ACCOUNT, size, reason="account not configured")
+
+    reservation = limiter.acquire(account.limiter_key, MAX_LIMITER_WAIT_SECONDS)
+    if not reservation.granted:
+        _release(engine, batch, 0)
+        log.info(
+            "account=%s oa=%s size=%d: no rate slot within %.0fs, batch released",
+            batch.account, batch.oa_id, size, MAX_LIMITER_WAIT_SECONDS,
+        )
+        return PollResult(Outcome.NO_SLOT, size)
+
+    started = time.monotonic()
+    try:
+        records = client.get_callback(account, batch.oa_id, batch.ref_ids)
+    except ProviderError as exc:
+        elapsed = time.monotonic() - started
+        if isinstance(exc, RateLimited):
+            limiter.penalize(account.limiter_key, RATE_LIMITED_PAUSE_SECONDS)
+        _release(engine, batch, settings.poll_interval_seconds)
+        log.warning(
+            "account=%s oa=%s size=%d duration=%.3fs: request failed: %s",
+            batch.account, batch.oa_id, size, elapsed, exc.reason,
+        )
+        return PollResult(Outcome.FAILED, size, reason=exc.reason)
+    elapsed = time.monotonic() - started
+
+    with engine.begin() as conn:
+        changed = store.complete_batch(conn, batch, records, settings)
+    log.info(
+        "account=%s oa=%s size=%d duration=%.3fs: %d items, %d rows changed",
+        batch.account, batch.oa_id, size, elapsed, len(records), changed,
+    )
+    return PollResult(Outcome.DONE, size, len(records), changed)
+
+
+def _release(engine: Engine, batch: store.Batch, delay_seconds: float) -> None:
+    with engine.begin() as conn:
+        store.release_batch(conn, batch.id, delay_seconds)

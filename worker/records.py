@@ -1,0 +1,164 @@
+"""Provider data parsed into typed records: the edge where eSMS's loose JSON becomes our types.
+
+eSMS documents every `Data_callback` field as "string" yet sends numbers, floats and nulls; the push
+callback sends everything as query strings. `parse_callback_item` accepts all of those and returns a
+`CallbackRecord` with real ints, an exact `Decimal` price and text, or `None` when an item cannot
+name its SMSID. A bad field becomes `None`; it never poisons the item, and a bad item never poisons
+the batch. Nothing past this module sees a raw dict or a string-typed number.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
+from typing import Any
+
+from worker.error_info import parse_error_code
+
+# Postgres text cannot hold NUL, and nothing legitimate sends one.
+_NUL = "\x00"
+
+
+@dataclass(frozen=True, slots=True)
+class CallbackRecord:
+    """One message's status as the provider reported it, in our column names and types."""
+
+    ref_id: str
+    send_status: int | None = None
+    send_success: int | None = None
+    send_failed: int | None = None
+    total_receiver: int | None = None
+    total_sent: int | None = None
+    type_id: int | None = None
+    telco_id: int | None = None
+    total_price: Decimal | None = None
+    request_id: str | None = None
+    phone_number: str | None = None
+    callback_url: str | None = None
+    partner_ids: str | None = None
+    error_info: str | None = None
+    oa_id: str | None = None
+    zns_temp_id: str | None = None
+
+    @property
+    def error_code(self) -> int | None:
+        return parse_error_code(self.error_info)
+
+
+# Provider field name -> (record attribute, coercion). Lookup is case-insensitive because the
+# GetCallback body says `Telcoid` while the push callback says `telcoid`.
+_INT_FIELDS = {
+    "sendstatus": "send_status",
+    "sendsuccess": "send_success",
+    "sendfailed": "send_failed",
+    "totalreceiver": "total_receiver",
+    "totalsent": "total_sent",
+    "typeid": "type_id",
+    "telcoid": "telco_id",
+}
+_TEXT_FIELDS = {
+    "requestid": "request_id",
+    "phonenumber": "phone_number",
+    "callbackurl": "callback_url",
+    "partnerids": "partner_ids",
+    "errorinfo": "error_info",
+    "error_info": "error_info",
+    "oaid": "oa_id",
+    "znstempid": "zns_temp_id",
+    "tempid": "zns_temp_id",
+}
+_PRICE_FIELD = "totalprice"
+_REF_FIELD = "smsid"
+# An integer column is a Postgres integer; anything outside it is not a real count or code.
+_INT_MIN, _INT_MAX = -(2**31), 2**31 - 1
+
+
+def to_int(value: Any) -> int | None:
+    """An integer from a JSON number, an integral float or a numeric string; else None."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        number = value
+    elif isinstance(value, float | Decimal):
+        if not math.isfinite(value) or value != int(value):
+            return None
+        number = int(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return None
+        try:
+            number = int(text)
+        except ValueError:
+            decimal = to_decimal(text)
+            if decimal is None or decimal != decimal.to_integral_value():
+                return None
+            number = int(decimal)
+    else:
+        return None
+    return number if _INT_MIN <= number <= _INT_MAX else None
+
+
+def to_decimal(value: Any) -> Decimal | None:
+    """An exact Decimal from a number or numeric string (floats through their shortest repr)."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, Decimal):
+        number = value
+    elif isinstance(value, int):
+        number = Decimal(value)
+    elif isinstance(value, float):
+        number = Decimal(repr(value))
+    elif isinstance(value, str):
+        try:
+            number = Decimal(value.strip())
+        except InvalidOperation:
+            return None
+    else:
+        return None
+    return number if number.is_finite() else None
+
+
+def to_text(value: Any) -> str | None:
+    """Text as received; numbers become their JSON spelling, containers are not text."""
+    if value is None or isinstance(value, dict | list | bool):
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    text = str(value)
+    return text.replace(_NUL, "") if _NUL in text else text
+
+
+def parse_callback_item(item: Any) -> CallbackRecord | None:
+    """One `Data_callback` item (or one push's parameters) as a record; None without an SMSID."""
+    if not isinstance(item, dict):
+        return None
+    fields: dict[str, Any] = {}
+    ref_id = None
+    for raw_key, raw_value in item.items():
+        if not isinstance(raw_key, str):
+            continue
+        key = raw_key.lower()
+        if key == _REF_FIELD:
+            ref_id = to_text(raw_value)
+        elif key in _INT_FIELDS:
+            fields[_INT_FIELDS[key]] = to_int(raw_value)
+        elif key in _TEXT_FIELDS:
+            fields[_TEXT_FIELDS[key]] = to_text(raw_value)
+        elif key == _PRICE_FIELD:
+            fields["total_price"] = to_decimal(raw_value)
+    if ref_id is None:
+        return None
+    ref_id = ref_id.strip()
+    if not ref_id:
+        return None
+    return CallbackRecord(ref_id=ref_id, **fields)
+
+
+def parse_callback_items(items: Any) -> list[CallbackRecord]:
+    """Every usable item of a `Data_callback` array, in order; anything else yields nothing."""
+    if not isinstance(items, list):
+        return []
+    records = (parse_callback_item(item) for item in items)
+    return [record for record in records if record is not None]

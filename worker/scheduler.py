@@ -1,0 +1,99 @@
+"""The scheduler: claims due RefIds in Postgres, groups them into requests and queues them.
+
+Beat runs `schedule_tick` every `SCHEDULE_TICK_SECONDS`. One tick, in one short transaction under
+an advisory lock (so two beats are harmless): give new rows their first poll time, expire rows past
+the maximum age, drop lapsed leases, then for each configured account claim just enough due rows
+to keep `SCHEDULE_LOOKAHEAD_SECONDS` of its rate budget in flight. The claimed rows are grouped by
+OAId into batches of at most `ESMS_BATCH_SIZE`, leased, and only after the commit handed to the
+queue. The queue therefore never holds much more than the limiter can drain in a couple of
+seconds, and `next_poll_at` in Postgres, not a Celery ETA, is the schedule.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+from sqlalchemy import Engine
+
+from worker import store
+from worker.settings import Settings
+from worker.store import Batch, DueRow
+
+log = logging.getLogger(__name__)
+
+
+def group_into_batches(
+    account: str, rows: Iterable[DueRow], batch_size: int, max_batches: int
+) -> list[Batch]:
+    """Rows of one account as requests: one OAId each, at most `batch_size` RefIds, oldest first.
+
+    `rows` come oldest-due first; a batch's place in the result is that of its oldest row, so the
+    most overdue work goes out first and the `max_batches` cut drops the youngest.
+    """
+    open_batches: dict[str, list[str]] = {}
+    batches: list[tuple[str, list[str]]] = []
+    for row in rows:
+        current = open_batches.get(row.oa_id)
+        if current is None or len(current) >= batch_size:
+            if len(batches) >= max_batches:
+                continue
+            current = []
+            open_batches[row.oa_id] = current
+            batches.append((row.oa_id, current))
+        current.append(row.ref_id)
+    return [Batch(uuid.uuid4(), account, oa_id, tuple(ref_ids)) for oa_id, ref_ids in batches]
+
+
+def batches_wanted(settings: Settings, in_flight: int) -> int:
+    """How many more requests one account may have queued or running right now."""
+    target = math.ceil(settings.effective_rate_per_second * settings.schedule_lookahead_seconds)
+    return max(0, target - in_flight)
+
+
+@dataclass
+class TickReport:
+    initialized: int = 0
+    expired: int = 0
+    lapsed: int = 0
+    batches: list[Batch] = field(default_factory=list)
+    skipped: bool = False
+
+
+def schedule_tick(
+    engine: Engine, settings: Settings, enqueue: Callable[[Sequence[Batch]], None]
+) -> TickReport:
+    """One scheduling round; `enqueue` receives the new batches after they are committed."""
+    report = TickReport()
+    accounts = settings.accounts
+    with engine.begin() as conn:
+        if not store.try_scheduler_lock(conn):
+            report.skipped = True
+            return report
+        report.initialized = store.initialize_new(conn, settings.poll_interval_seconds)
+        report.expired = store.expire_old(conn, settings.message_max_age_seconds)
+        report.lapsed = store.drop_lapsed_batches(conn)
+        in_flight = store.inflight_batches(conn)
+        for name in accounts:
+            wanted = batches_wanted(settings, in_flight.get(name, 0))
+            if wanted == 0:
+                continue
+            rows = store.claim_due(conn, name, wanted * settings.esms_batch_size)
+            batches = group_into_batches(name, rows, settings.esms_batch_size, wanted)
+            store.lease_batches(conn, name, batches, settings.lease_seconds)
+            report.batches.extend(batches)
+    if report.batches:
+        enqueue(report.batches)
+    if report.initialized or report.expired or report.lapsed or report.batches:
+        log.info(
+            "tick: %d new, %d expired, %d lapsed leases, %d batches queued (%d RefIds)",
+            report.initialized,
+            report.expired,
+            report.lapsed,
+            len(report.batches),
+            sum(len(batch.ref_ids) for batch in report.batches),
+        )
+    return report

@@ -1,0 +1,127 @@
+"""Settings: every knob of the daemon, read once from the environment (and an optional `.env`).
+
+This is the only module that reads the environment. Everything else receives a `Settings` (or the
+one `get_settings()` returns) and never calls `os.environ`. Secrets are `SecretStr`, so they stay
+hidden in `repr`, logs and tracebacks; only the provider client unwraps them, at the moment it
+builds a request body.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from functools import lru_cache
+
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_ACCOUNT = "default"
+
+
+class AccountKeys(BaseModel):
+    """One eSMS account's credentials as written in `ESMS_ACCOUNTS`."""
+
+    api_key: SecretStr
+    secret_key: SecretStr
+
+
+@dataclass(frozen=True)
+class Account:
+    """A configured account: its name (what rows and tasks carry) and its keys (what only the
+    client sees). `limiter_key` names its rate budget without revealing the ApiKey."""
+
+    name: str
+    api_key: SecretStr
+    secret_key: SecretStr
+
+    @property
+    def limiter_key(self) -> str:
+        digest = hashlib.sha256(self.api_key.get_secret_value().encode()).hexdigest()
+        return digest[:16]
+
+    def __repr__(self) -> str:
+        return f"Account(name={self.name!r})"
+
+
+class Settings(BaseSettings):
+    """The environment variables of the operator contract, with their defaults."""
+
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    database_url: SecretStr = SecretStr("postgresql+psycopg://postgres@127.0.0.1:5432/esms")
+    redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
+
+    esms_base_url: str = "https://status-sms.esms.vn"
+    esms_api_key: SecretStr | None = None
+    esms_secret_key: SecretStr | None = None
+    esms_accounts: dict[str, AccountKeys] = Field(default_factory=dict)
+    esms_rate_limit_per_second: float = Field(20, gt=0)
+    # Fraction of the rate kept in reserve so that jitter between our clock and the provider's
+    # arrival times cannot push a one-second window over the limit.
+    esms_rate_safety_margin: float = Field(0.04, ge=0, lt=0.5)
+    esms_batch_size: int = Field(200, ge=1)
+    esms_timeout_seconds: float = Field(10, gt=0)
+
+    poll_interval_seconds: float = Field(30, gt=0)
+    poll_max_interval_seconds: float = Field(600, gt=0)
+    message_max_age_seconds: float = Field(259200, gt=0)
+
+    # How often beat runs the scheduler, and how many seconds of the rate budget it keeps queued
+    # ahead of the workers: enough to cover one tick plus the slowest response, never more.
+    schedule_tick_seconds: float = Field(1.0, gt=0)
+    schedule_lookahead_seconds: float = Field(2.0, gt=0)
+    # A claimed batch belongs to its task for this long; a worker that dies loses it only this long.
+    lease_seconds: float = Field(60, gt=0)
+
+    worker_concurrency: int = Field(24, ge=1)
+    log_level: str = "INFO"
+
+    @field_validator("esms_base_url")
+    @classmethod
+    def _strip_slash(cls, value: str) -> str:
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _check_intervals(self) -> Settings:
+        if self.poll_max_interval_seconds < self.poll_interval_seconds:
+            raise ValueError("POLL_MAX_INTERVAL_SECONDS must be >= POLL_INTERVAL_SECONDS")
+        if (self.esms_api_key is None) != (self.esms_secret_key is None):
+            raise ValueError("set both ESMS_API_KEY and ESMS_SECRET_KEY, or neither")
+        if self.esms_api_key is not None and DEFAULT_ACCOUNT in self.esms_accounts:
+            raise ValueError(f"account {DEFAULT_ACCOUNT!r} is set twice (ESMS_API_KEY and ESMS_ACCOUNTS)")
+        return self
+
+    @property
+    def accounts(self) -> dict[str, Account]:
+        """Every configured account by name; `default` comes from ESMS_API_KEY/ESMS_SECRET_KEY."""
+        found = {
+            name: Account(name, keys.api_key, keys.secret_key)
+            for name, keys in self.esms_accounts.items()
+        }
+        if self.esms_api_key is not None and self.esms_secret_key is not None:
+            found[DEFAULT_ACCOUNT] = Account(
+                DEFAULT_ACCOUNT, self.esms_api_key, self.esms_secret_key
+            )
+        return found
+
+    @property
+    def effective_rate_per_second(self) -> float:
+        return self.esms_rate_limit_per_second * (1 - self.esms_rate_safety_margin)
+
+    @property
+    def callback_url(self) -> str:
+        return f"{self.esms_base_url}/ZaloCallback/GetCallback"
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        return self.database_url.get_secret_value()
+
+    @property
+    def libpq_url(self) -> str:
+        """The database URL in the form psycopg itself accepts (without the SQLAlchemy driver)."""
+        return self.sqlalchemy_url.replace("postgresql+psycopg://", "postgresql://", 1)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,310 @@
+"""The messages store: the one module that talks to Postgres. Every query of the daemon is here.
+
+Work is leased, not locked across I/O: the scheduler claims due pending rows with
+`FOR UPDATE SKIP LOCKED`, writes one `poll_batches` row per request it will make and points the rows
+at it (`lease_id`), pushing their `next_poll_at` to the lease's expiry, and commits. A worker then
+calls the provider with no transaction open and finishes the batch in one short transaction:
+bookkeeping and backoff for the batch's rows, then the merge. If the worker dies, nothing is to
+undo: the rows fall due again when the lease runs out.
+
+`merge_callbacks` is the single place provider data enters `messages`; its rules come from
+`worker.merge`.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import Connection, Engine, create_engine, text
+
+from worker.merge import FINAL_STATES, State, derive_state, most_advanced, record_rank, sql_status_rank
+from worker.records import CallbackRecord
+from worker.settings import Settings
+
+
+def make_engine(settings: Settings, *, pool_size: int | None = None) -> Engine:
+    size = pool_size or settings.worker_concurrency + 2
+    return create_engine(
+        settings.sqlalchemy_url,
+        pool_size=size,
+        max_overflow=2,
+        pool_pre_ping=True,
+        pool_recycle=1800,
+        hide_parameters=True,
+    )
+
+
+@dataclass(frozen=True)
+class DueRow:
+    ref_id: str
+    oa_id: str
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One GetCallback request to make: one account, one OAId, at most the batch size of RefIds."""
+
+    id: uuid.UUID
+    account: str
+    oa_id: str
+    ref_ids: tuple[str, ...]
+
+
+# --- scheduling -------------------------------------------------------------------------------
+
+_SCHEDULER_LOCK = 0x65736D73  # "esms": one scheduler tick at a time, however many beats run.
+
+_TRY_SCHEDULER_LOCK = text("SELECT pg_try_advisory_xact_lock(:key)")
+
+_INITIALIZE_NEW = text(
+    """
+    UPDATE messages SET next_poll_at = created_at + make_interval(secs => :interval)
+    WHERE ref_id IN (
+        SELECT ref_id FROM messages
+        WHERE state = 'pending' AND next_poll_at IS NULL
+        LIMIT :limit FOR UPDATE SKIP LOCKED)
+    """
+)
+
+_EXPIRE_OLD = text(
+    """
+    UPDATE messages
+    SET state = 'expired', resolved_at = now(), updated_at = now(), next_poll_at = NULL,
+        lease_id = NULL
+    WHERE ref_id IN (
+        SELECT ref_id FROM messages
+        WHERE state = 'pending' AND created_at <= now() - make_interval(secs => :max_age)
+        LIMIT :limit FOR UPDATE SKIP LOCKED)
+    """
+)
+
+_DROP_LAPSED_BATCHES = text("DELETE FROM poll_batches WHERE lease_expires_at <= now()")
+
+_INFLIGHT = text(
+    "SELECT account, count(*) FROM poll_batches WHERE lease_expires_at > now() GROUP BY account"
+)
+
+_CLAIM_DUE = text(
+    """
+    SELECT ref_id, oa_id FROM messages
+    WHERE state = 'pending' AND account = :account AND next_poll_at <= now() AND oa_id <> ''
+    ORDER BY next_poll_at
+    LIMIT :limit
+    FOR UPDATE SKIP LOCKED
+    """
+)
+
+_INSERT_BATCHES = text(
+    """
+    INSERT INTO poll_batches (id, account, oa_id, ref_ids, lease_expires_at)
+    SELECT id, :account, oa_id, string_to_array(ref_ids, chr(31)),
+           now() + make_interval(secs => :lease)
+    FROM unnest(CAST(:ids AS uuid[]), CAST(:oa_ids AS text[]), CAST(:ref_ids AS text[]))
+         AS b(id, oa_id, ref_ids)
+    """
+)
+
+_LEASE_ROWS = text(
+    """
+    UPDATE messages AS m
+    SET lease_id = v.batch_id, next_poll_at = now() + make_interval(secs => :lease)
+    FROM unnest(CAST(:ref_ids AS text[]), CAST(:batch_ids AS uuid[])) AS v(ref_id, batch_id)
+    WHERE m.ref_id = v.ref_id
+    """
+)
+
+
+def try_scheduler_lock(conn: Connection) -> bool:
+    """Take the transaction-scoped scheduler lock, or learn another tick holds it."""
+    return bool(conn.execute(_TRY_SCHEDULER_LOCK, {"key": _SCHEDULER_LOCK}).scalar())
+
+
+def initialize_new(conn: Connection, poll_interval_seconds: float, limit: int = 50_000) -> int:
+    """Give rows the sender just inserted their first poll time: created_at + the poll interval."""
+    result = conn.execute(_INITIALIZE_NEW, {"interval": poll_interval_seconds, "limit": limit})
+    return result.rowcount
+
+
+def expire_old(conn: Connection, max_age_seconds: float, limit: int = 50_000) -> int:
+    """Give up on pending rows older than the maximum age: state `expired`, never polled again."""
+    result = conn.execute(_EXPIRE_OLD, {"max_age": max_age_seconds, "limit": limit})
+    return result.rowcount
+
+
+def drop_lapsed_batches(conn: Connection) -> int:
+    return conn.execute(_DROP_LAPSED_BATCHES).rowcount
+
+
+def inflight_batches(conn: Connection) -> dict[str, int]:
+    return {account: count for account, count in conn.execute(_INFLIGHT)}
+
+
+def claim_due(conn: Connection, account: str, limit: int) -> list[DueRow]:
+    """Lock up to `limit` due rows of one account, oldest due first, skipping rows others hold."""
+    rows = conn.execute(_CLAIM_DUE, {"account": account, "limit": limit})
+    return [DueRow(ref_id, oa_id) for ref_id, oa_id in rows]
+
+
+def lease_batches(
+    conn: Connection, account: str, batches: Sequence[Batch], lease_seconds: float
+) -> None:
+    """Record the batches and point their rows at them until the lease runs out."""
+    if not batches:
+        return
+    conn.execute(
+        _INSERT_BATCHES,
+        {
+            "account": account,
+            "lease": lease_seconds,
+            "ids": [batch.id for batch in batches],
+            "oa_ids": [batch.oa_id for batch in batches],
+            # RefIds travel as one unit-separator-joined string per batch: Postgres has no
+            # ragged arrays, and chr(31) cannot occur in an SMSID we would send.
+            "ref_ids": ["\x1f".join(batch.ref_ids) for batch in batches],
+        },
+    )
+    conn.execute(
+        _LEASE_ROWS,
+        {
+            "lease": lease_seconds,
+            "ref_ids": [ref_id for batch in batches for ref_id in batch.ref_ids],
+            "batch_ids": [batch.id for batch in batches for _ in batch.ref_ids],
+        },
+    )
+
+
+# --- one batch's life in a worker -------------------------------------------------------------
+
+_LOAD_BATCH = text(
+    """
+    SELECT account, oa_id, ref_ids FROM poll_batches
+    WHERE id = :id AND lease_expires_at > now() + make_interval(secs => :min_remaining)
+    """
+)
+
+_FINISH_BATCH_ROWS = text(
+    """
+    UPDATE messages
+    SET poll_count = poll_count + 1, last_polled_at = now(), lease_id = NULL,
+        next_poll_at = now() + make_interval(
+            secs => LEAST(:base * power(2, LEAST(poll_count, 30)), :max_interval))
+    WHERE lease_id = :id AND state = 'pending'
+    """
+)
+
+_RELEASE_BATCH_ROWS = text(
+    """
+    UPDATE messages
+    SET lease_id = NULL, next_poll_at = now() + make_interval(secs => :delay)
+    WHERE lease_id = :id AND state = 'pending'
+    """
+)
+
+_DELETE_BATCH = text("DELETE FROM poll_batches WHERE id = :id")
+
+
+def load_batch(conn: Connection, batch_id: uuid.UUID, min_remaining_seconds: float) -> Batch | None:
+    """The batch, if its lease still has `min_remaining_seconds` to run; else None."""
+    row = conn.execute(
+        _LOAD_BATCH, {"id": batch_id, "min_remaining": min_remaining_seconds}
+    ).first()
+    if row is None:
+        return None
+    account, oa_id, ref_ids = row
+    return Batch(batch_id, account, oa_id, tuple(ref_ids))
+
+
+def complete_batch(
+    conn: Connection, batch: Batch, records: Sequence[CallbackRecord], settings: Settings
+) -> int:
+    """After a successful answer: back off the batch's rows, merge what came, end the lease.
+
+    Items for RefIds this batch did not ask for are ignored. Returns how many rows changed data.
+    """
+    conn.execute(
+        _FINISH_BATCH_ROWS,
+        {
+            "id": batch.id,
+            "base": settings.poll_interval_seconds,
+            "max_interval": settings.poll_max_interval_seconds,
+        },
+    )
+    asked = set(batch.ref_ids)
+    changed = merge_callbacks(conn, [record for record in records if record.ref_id in asked])
+    conn.execute(_DELETE_BATCH, {"id": batch.id})
+    return changed
+
+
+def release_batch(conn: Connection, batch_id: uuid.UUID, delay_seconds: float) -> None:
+    """End the lease without data: the rows fall due again after `delay_seconds`."""
+    conn.execute(_RELEASE_BATCH_ROWS, {"id": batch_id, "delay": delay_seconds})
+    conn.execute(_DELETE_BATCH, {"id": batch_id})
+
+
+# --- the merge --------------------------------------------------------------------------------
+
+# Column name -> SQL array type, in the order of the unnest below.
+_MERGED_COLUMNS: dict[str, str] = {
+    "send_status": "int",
+    "send_success": "int",
+    "send_failed": "int",
+    "total_receiver": "int",
+    "total_sent": "int",
+    "type_id": "int",
+    "telco_id": "int",
+    "total_price": "numeric",
+    "request_id": "text",
+    "phone_number": "text",
+    "callback_url": "text",
+    "partner_ids": "text",
+    "error_info": "text",
+    "zns_temp_id": "text",
+    "error_code": "int",
+    "state": "text",
+}
+_UNNEST_ARGS = ", ".join(
+    ["CAST(:ref_id AS text[])", "CAST(:rank AS int[])"]
+    + [f"CAST(:{name} AS {kind}[])" for name, kind in _MERGED_COLUMNS.items()]
+)
+_SET_FIELDS = ", ".join(f"{name} = v.{name}" for name in _MERGED_COLUMNS)
+_DATA_COLUMNS = ", ".join(f"m.{name}" for name in _MERGED_COLUMNS)
+_NEW_DATA = ", ".join(f"v.{name}" for name in _MERGED_COLUMNS)
+_FINAL_LIST = ", ".join(f"'{state}'" for state in sorted(FINAL_STATES - {State.EXPIRED}))
+
+_MERGE = text(
+    f"""
+    UPDATE messages AS m
+    SET {_SET_FIELDS},
+        resolved_at = CASE WHEN v.state IN ({_FINAL_LIST}) THEN now() END,
+        next_poll_at = CASE WHEN v.state IN ({_FINAL_LIST}) THEN NULL ELSE m.next_poll_at END,
+        lease_id = CASE WHEN v.state IN ({_FINAL_LIST}) THEN NULL ELSE m.lease_id END,
+        updated_at = now()
+    FROM unnest({_UNNEST_ARGS}) AS v(ref_id, rank, {", ".join(_MERGED_COLUMNS)})
+    WHERE m.ref_id = v.ref_id
+      AND m.state = 'pending'
+      AND v.rank >= {sql_status_rank("m.send_status")}
+      AND ({_DATA_COLUMNS}) IS DISTINCT FROM ({_NEW_DATA})
+    """
+)
+
+
+def merge_callbacks(conn: Connection, records: Sequence[CallbackRecord]) -> int:
+    """Move rows forward with provider data; final rows and older reports change nothing.
+
+    Returns the number of rows whose data changed.
+    """
+    chosen = most_advanced(records)
+    if not chosen:
+        return 0
+    params: dict[str, list] = {
+        "ref_id": [r.ref_id for r in chosen],
+        "rank": [record_rank(r) for r in chosen],
+        "error_code": [r.error_code for r in chosen],
+        "state": [derive_state(r).value for r in chosen],
+    }
+    for name in _MERGED_COLUMNS:
+        if name not in params:
+            params[name] = [getattr(r, name) for r in chosen]
+    return conn.execute(_MERGE, params).rowcount

@@ -1,0 +1,52 @@
+"""Celery tasks: thin wrappers that hand plain functions their per-process resources.
+
+`esms.schedule` (run by beat every tick) claims and queues due batches; `esms.poll_batch` polls one
+batch. Task arguments name the batch, account, OAId and size — never credentials — so Flower and
+the broker show what is being polled and nothing secret.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+
+from worker import poller, runtime, scheduler
+from worker.celery import app
+from worker.settings import get_settings
+from worker.store import Batch
+
+
+def _enqueue(batches: Sequence[Batch]) -> None:
+    for batch in batches:
+        poll_batch.apply_async(
+            kwargs={
+                "batch_id": str(batch.id),
+                "account": batch.account,
+                "oa_id": batch.oa_id,
+                "size": len(batch.ref_ids),
+            }
+        )
+
+
+@app.task(name="esms.schedule", ignore_result=True)
+def schedule() -> dict:
+    report = scheduler.schedule_tick(runtime.engine(), get_settings(), _enqueue)
+    return {
+        "skipped": report.skipped,
+        "initialized": report.initialized,
+        "expired": report.expired,
+        "batches": len(report.batches),
+    }
+
+
+@app.task(name="esms.poll_batch", ignore_result=True)
+def poll_batch(batch_id: str, account: str, oa_id: str, size: int) -> dict:
+    # account, oa_id and size are for people reading Flower; the batch row is the truth.
+    result = poller.poll_batch(
+        uuid.UUID(batch_id),
+        settings=get_settings(),
+        engine=runtime.engine(),
+        client=runtime.esms_client(),
+        limiter=runtime.rate_limiter(),
+    )
+    return {"outcome": result.outcome.value, "size": result.size, "changed": result.changed}
