@@ -89,3 +89,12 @@ def make_settings(database_url: str, redis_url: str):
         return Settings(_env_file=None, **values)
 
     return build
+
+
+@pytest.fixture
+def children(tmp_path):
+    from tests.processes import Children
+
+    running = Children(tmp_path)
+    yield running
+    running.stop_all()

@@ -74,7 +74,6 @@ class Settings(BaseSettings):
     lease_seconds: float = Field(60, gt=0)
 
     worker_concurrency: int = Field(24, ge=1)
-    log_level: str = "INFO"
 
     @field_validator("esms_base_url")
     @classmethod

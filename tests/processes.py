@@ -1,0 +1,129 @@
+"""Helpers that run the real programs as child processes: the emulator, celery worker and beat.
+
+Every child is started in its own process group and killed with it, so a failed test leaves
+nothing running.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Child:
+    name: str
+    proc: subprocess.Popen
+    log_path: Path
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> int | None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, sig)
+                self.proc.wait(timeout)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                try:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.proc.wait(10)
+        return self.proc.returncode
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@dataclass
+class Children:
+    tmp: Path
+    started: list[Child] = field(default_factory=list)
+
+    def spawn(self, name: str, argv: list[str], env: dict[str, str]) -> Child:
+        log_path = self.tmp / f"{name}.log"
+        handle = open(log_path, "wb")
+        proc = subprocess.Popen(
+            argv, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        child = Child(name, proc, log_path)
+        self.started.append(child)
+        return child
+
+    def stop_all(self) -> None:
+        for child in reversed(self.started):
+            child.stop()
+
+
+@dataclass
+class Emulator:
+    child: Child
+    url: str
+
+    def admin(self, method: str, path: str, **kwargs) -> dict:
+        response = httpx.request(method, f"{self.url}/_emulator{path}", timeout=30, **kwargs)
+        response.raise_for_status()
+        return response.json()
+
+
+def start_emulator(children: Children, *flags: str, ready_timeout: float = 20) -> Emulator:
+    port = free_port()
+    child = children.spawn(
+        f"emulator-{port}",
+        [str(BIN / "python"), "-m", "worker.emulator", "--port", str(port), *flags],
+        env=child_env(),
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + ready_timeout
+    while time.monotonic() < deadline:
+        if child.proc.poll() is not None:
+            raise RuntimeError(f"emulator exited: {child.log()}")
+        if re.search(r"listening on", child.log()):
+            try:
+                httpx.get(f"{url}/healthz", timeout=1).raise_for_status()
+                return Emulator(child, url)
+            except httpx.HTTPError:
+                pass
+        time.sleep(0.05)
+    raise RuntimeError(f"emulator not ready: {child.log()}")
+
+
+def child_env(**overrides: str) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("ESMS_", "POLL_"))}
+    env.update({"PYTHONUNBUFFERED": "1", "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}"})
+    env.update(overrides)
+    return env
+
+
+def celery(children: Children, role: str, env: dict[str, str], *extra: str) -> Child:
+    argv = [str(BIN / "celery"), "-A", "worker", role, "--loglevel=DEBUG", *extra]
+    if role == "beat":
+        argv += ["--schedule", str(children.tmp / f"beat-{len(children.started)}")]
+    return children.spawn(f"{role}-{len(children.started)}", argv, env)
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.5, message: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {message}")
