@@ -51,7 +51,10 @@ def prepare_database(final_rows: int, backlog: int, accounts: list[str]) -> str:
 
     subprocess.run(
         [str(Path(sys.executable).parent / "alembic"), "upgrade", "head"],
-        cwd=ROOT, env=child_env(DATABASE_URL=url), check=True, capture_output=True,
+        cwd=ROOT,
+        env=child_env(DATABASE_URL=url),
+        check=True,
+        capture_output=True,
     )
     with psycopg.connect(f"{PG_SERVER}/{DATABASE}", autocommit=True) as conn:
         conn.execute(
@@ -102,8 +105,11 @@ def run(accounts_count: int, backlog: int, final_rows: int) -> dict:
     redis.Redis.from_url(REDIS_URL).flushdb()
     accounts = ["default"] + [f"shop{i}" for i in range(1, accounts_count)]
     keys = {account: (f"bench-key-{account}", f"bench-secret-{account}") for account in accounts}
-    print(f"preparing {final_rows:,} final rows and {backlog:,} pending per account "
-          f"for {accounts_count} account(s)...", flush=True)
+    print(
+        f"preparing {final_rows:,} final rows and {backlog:,} pending per account "
+        f"for {accounts_count} account(s)...",
+        flush=True,
+    )
     url = prepare_database(final_rows, backlog, accounts)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -113,31 +119,54 @@ def run(accounts_count: int, backlog: int, final_rows: int) -> dict:
             for api_key, secret in keys.values():
                 flags += ["--account", f"{api_key}:{secret}"]
             emulator = start_emulator(
-                children, *flags,
-                "--latency-min-ms", "250", "--latency-max-ms", "600",
-                "--final-after-min-s", "0", "--final-after-max-s", "0",
-                "--rate-limit", str(RATE_LIMIT),
+                children,
+                *flags,
+                "--latency-min-ms",
+                "250",
+                "--latency-max-ms",
+                "600",
+                "--final-after-min-s",
+                "0",
+                "--final-after-max-s",
+                "0",
+                "--rate-limit",
+                str(RATE_LIMIT),
             )
             default_key, default_secret = keys["default"]
             others = {
                 account: {"api_key": api_key, "secret_key": secret}
-                for account, (api_key, secret) in keys.items() if account != "default"
+                for account, (api_key, secret) in keys.items()
+                if account != "default"
             }
             env = child_env(
-                DATABASE_URL=url, REDIS_URL=REDIS_URL, ESMS_BASE_URL=emulator.url,
-                ESMS_API_KEY=default_key, ESMS_SECRET_KEY=default_secret,
+                DATABASE_URL=url,
+                REDIS_URL=REDIS_URL,
+                ESMS_BASE_URL=emulator.url,
+                ESMS_API_KEY=default_key,
+                ESMS_SECRET_KEY=default_secret,
                 ESMS_ACCOUNTS=json.dumps(others),
             )
             worker = children.spawn(
-                "worker", [str(Path(sys.executable).parent / "celery"), "-A", "worker",
-                           "worker", "--loglevel=WARNING"], env)
+                "worker",
+                [
+                    str(Path(sys.executable).parent / "celery"),
+                    "-A",
+                    "worker",
+                    "worker",
+                    "--loglevel=WARNING",
+                ],
+                env,
+            )
             beat = celery(children, "beat", env)
             started = time.monotonic()
-            wait_for(lambda: pending_count(url) == 0, timeout=900, interval=1,
-                     message="backlog drained")
+            wait_for(
+                lambda: pending_count(url) == 0, timeout=900, interval=1, message="backlog drained"
+            )
             wall = time.monotonic() - started
-            usage = {name: proc_usage(child.proc.pid) for name, child in
-                     (("worker", worker), ("beat", beat))}
+            usage = {
+                name: proc_usage(child.proc.pid)
+                for name, child in (("worker", worker), ("beat", beat))
+            }
             log = emulator.admin("GET", "/requests", params={"refids": 0})["requests"]
         finally:
             children.stop_all()
@@ -157,8 +186,11 @@ def run(accounts_count: int, backlog: int, final_rows: int) -> dict:
         "final_rows": final_rows,
         "requests": len(log),
         "requests_ok": len(ok),
-        "requests_rejected": {str(code): sum(1 for e in log if e["code"] == code)
-                              for code in sorted({e["code"] for e in log}) if code != 100},
+        "requests_rejected": {
+            str(code): sum(1 for e in log if e["code"] == code)
+            for code in sorted({e["code"] for e in log})
+            if code != 100
+        },
         "mean_batch": round(sum(e["n_read"] for e in ok) / len(ok), 1),
         "first_to_last_request_s": round(last - first, 2),
         "wall_until_drained_s": round(wall, 2),

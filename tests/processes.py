@@ -60,7 +60,11 @@ class Children:
         log_path = self.tmp / f"{name}.log"
         handle = open(log_path, "wb")
         proc = subprocess.Popen(
-            argv, cwd=ROOT, env=env, stdout=handle, stderr=subprocess.STDOUT,
+            argv,
+            cwd=ROOT,
+            env=env,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
         child = Child(name, proc, log_path)
@@ -106,7 +110,9 @@ def start_emulator(children: Children, *flags: str, ready_timeout: float = 20) -
 
 
 def child_env(**overrides: str) -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("ESMS_", "POLL_"))}
+    env = {
+        key: value for key, value in os.environ.items() if not key.startswith(("ESMS_", "POLL_"))
+    }
     env.update({"PYTHONUNBUFFERED": "1", "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}"})
     env.update(overrides)
     return env

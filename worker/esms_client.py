@@ -38,7 +38,9 @@ class EsmsClient:
 
     def __init__(self, base_url: str, timeout_seconds: float, *, max_connections: int = 64) -> None:
         self._url = base_url.rstrip("/") + GET_CALLBACK_PATH
-        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+        limits = httpx.Limits(
+            max_connections=max_connections, max_keepalive_connections=max_connections
+        )
         self._http = httpx.Client(timeout=httpx.Timeout(timeout_seconds), limits=limits)
 
     def close(self) -> None:
@@ -93,7 +95,9 @@ def _decode_json(content: bytes, status_code: int) -> dict:
         sample = content[:_BODY_SAMPLE].decode("utf-8", "replace").replace("\n", " ")
         raise MalformedResponse(f"HTTP {status_code}, body is not JSON: {sample!r}") from None
     if not isinstance(payload, dict):
-        raise MalformedResponse(f"HTTP {status_code}, body is {type(payload).__name__}, not an object")
+        raise MalformedResponse(
+            f"HTTP {status_code}, body is {type(payload).__name__}, not an object"
+        )
     return payload
 
 

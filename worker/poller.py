@@ -58,7 +58,9 @@ def poll_batch(
     client: EsmsClient,
     limiter: RateLimiter,
 ) -> PollResult:
-    min_remaining = MAX_LIMITER_WAIT_SECONDS + settings.esms_timeout_seconds + _LEASE_RESERVE_SECONDS
+    min_remaining = (
+        MAX_LIMITER_WAIT_SECONDS + settings.esms_timeout_seconds + _LEASE_RESERVE_SECONDS
+    )
     with engine.begin() as conn:
         batch = store.load_batch(conn, batch_id, min_remaining)
     if batch is None:
@@ -76,7 +78,10 @@ def poll_batch(
         _release(engine, batch, 0)
         log.info(
             "account=%s oa=%s size=%d: no rate slot within %.0fs, batch released",
-            batch.account, batch.oa_id, size, MAX_LIMITER_WAIT_SECONDS,
+            batch.account,
+            batch.oa_id,
+            size,
+            MAX_LIMITER_WAIT_SECONDS,
         )
         return PollResult(Outcome.NO_SLOT, size)
 
@@ -90,7 +95,11 @@ def poll_batch(
         _release(engine, batch, settings.poll_interval_seconds)
         log.warning(
             "account=%s oa=%s size=%d duration=%.3fs: request failed: %s",
-            batch.account, batch.oa_id, size, elapsed, exc.reason,
+            batch.account,
+            batch.oa_id,
+            size,
+            elapsed,
+            exc.reason,
         )
         return PollResult(Outcome.FAILED, size, reason=exc.reason)
     elapsed = time.monotonic() - started
@@ -99,7 +108,12 @@ def poll_batch(
         changed = store.complete_batch(conn, batch, records, settings)
     log.info(
         "account=%s oa=%s size=%d duration=%.3fs: %d items, %d rows changed",
-        batch.account, batch.oa_id, size, elapsed, len(records), changed,
+        batch.account,
+        batch.oa_id,
+        size,
+        elapsed,
+        len(records),
+        changed,
     )
     return PollResult(Outcome.DONE, size, len(records), changed)
 

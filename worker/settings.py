@@ -87,7 +87,9 @@ class Settings(BaseSettings):
         if (self.esms_api_key is None) != (self.esms_secret_key is None):
             raise ValueError("set both ESMS_API_KEY and ESMS_SECRET_KEY, or neither")
         if self.esms_api_key is not None and DEFAULT_ACCOUNT in self.esms_accounts:
-            raise ValueError(f"account {DEFAULT_ACCOUNT!r} is set twice (ESMS_API_KEY and ESMS_ACCOUNTS)")
+            raise ValueError(
+                f"account {DEFAULT_ACCOUNT!r} is set twice (ESMS_API_KEY and ESMS_ACCOUNTS)"
+            )
         return self
 
     @property

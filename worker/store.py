@@ -19,7 +19,14 @@ from dataclasses import dataclass
 
 from sqlalchemy import Connection, Engine, create_engine, text
 
-from worker.merge import FINAL_STATES, State, derive_state, most_advanced, record_rank, sql_status_rank
+from worker.merge import (
+    FINAL_STATES,
+    State,
+    derive_state,
+    most_advanced,
+    record_rank,
+    sql_status_rank,
+)
 from worker.records import CallbackRecord
 from worker.settings import Settings
 

@@ -14,22 +14,42 @@ import pytest
 from sqlalchemy import text
 
 from tests.conftest import TEST_API_KEY, TEST_SECRET_KEY
-from tests.processes import celery, child_env, start_emulator, wait_for
 from tests.integration.test_ratelimit import max_in_window
+from tests.processes import celery, child_env, start_emulator, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
 COMPARED = [
-    "send_status", "send_success", "send_failed", "total_receiver", "total_sent", "type_id",
-    "telco_id", "total_price", "request_id", "phone_number", "callback_url", "partner_ids",
-    "error_info", "zns_temp_id",
+    "send_status",
+    "send_success",
+    "send_failed",
+    "total_receiver",
+    "total_sent",
+    "type_id",
+    "telco_id",
+    "total_price",
+    "request_id",
+    "phone_number",
+    "callback_url",
+    "partner_ids",
+    "error_info",
+    "zns_temp_id",
 ]
 ITEM_FIELDS = {
-    "send_status": "SendStatus", "send_success": "SendSuccess", "send_failed": "SendFailed",
-    "total_receiver": "TotalReceiver", "total_sent": "TotalSent", "type_id": "TypeId",
-    "telco_id": "Telcoid", "total_price": "TotalPrice", "request_id": "RequestId",
-    "phone_number": "PhoneNumber", "callback_url": "CallbackUrl", "partner_ids": "Partnerids",
-    "error_info": "ErrorInfo", "zns_temp_id": "ZnsTempId",
+    "send_status": "SendStatus",
+    "send_success": "SendSuccess",
+    "send_failed": "SendFailed",
+    "total_receiver": "TotalReceiver",
+    "total_sent": "TotalSent",
+    "type_id": "TypeId",
+    "telco_id": "Telcoid",
+    "total_price": "TotalPrice",
+    "request_id": "RequestId",
+    "phone_number": "PhoneNumber",
+    "callback_url": "CallbackUrl",
+    "partner_ids": "Partnerids",
+    "error_info": "ErrorInfo",
+    "zns_temp_id": "ZnsTempId",
 }
 
 
@@ -58,10 +78,18 @@ def expected_row(truth: dict) -> dict:
 def test_every_message_ends_with_the_emulators_truth(engine, database_url, redis_url, children):
     emulator = start_emulator(
         children,
-        "--account", f"{TEST_API_KEY}:{TEST_SECRET_KEY}",
-        "--final-after-min-s", "1", "--final-after-max-s", "6",
-        "--latency-min-ms", "20", "--latency-max-ms", "80",
-        "--numbers-as-strings-rate", "0.3",
+        "--account",
+        f"{TEST_API_KEY}:{TEST_SECRET_KEY}",
+        "--final-after-min-s",
+        "1",
+        "--final-after-max-s",
+        "6",
+        "--latency-min-ms",
+        "20",
+        "--latency-max-ms",
+        "80",
+        "--numbers-as-strings-rate",
+        "0.3",
     )
     ref_ids = [f"{uuid.uuid4().hex}{i % 100:02d}" for i in range(1500)]
     oas = ["1090257973118325189", "2020202020202020202", "3030303030303030303"]
@@ -76,15 +104,16 @@ def test_every_message_ends_with_the_emulators_truth(engine, database_url, redis
 
     def pending() -> int:
         with engine.begin() as conn:
-            return conn.execute(text("SELECT count(*) FROM messages WHERE state='pending'")).scalar()
+            return conn.execute(
+                text("SELECT count(*) FROM messages WHERE state='pending'")
+            ).scalar()
 
     wait_for(lambda: pending() == 0, timeout=120, message="every message final")
 
     truth = emulator.admin("GET", "/truth")["messages"]
     with engine.begin() as conn:
         stored = {
-            row["ref_id"]: row
-            for row in conn.execute(text("SELECT * FROM messages")).mappings()
+            row["ref_id"]: row for row in conn.execute(text("SELECT * FROM messages")).mappings()
         }
     assert set(stored) == set(ref_ids)
     wrong = []
@@ -92,9 +121,11 @@ def test_every_message_ends_with_the_emulators_truth(engine, database_url, redis
         row, fact = stored[ref_id], truth[ref_id]
         expected = expected_row(fact)
         actual = {column: row[column] for column in COMPARED}
-        if row["state"] != fact["state"] or actual != expected or row["error_code"] != fact[
-            "error_code"
-        ]:
+        if (
+            row["state"] != fact["state"]
+            or actual != expected
+            or row["error_code"] != fact["error_code"]
+        ):
             wrong.append((ref_id, row["state"], fact["state"], actual, expected))
         assert row["resolved_at"] is not None and row["lease_id"] is None
     assert wrong == []

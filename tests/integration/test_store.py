@@ -17,7 +17,9 @@ pytestmark = pytest.mark.integration
 def insert(engine, rows, *, due_now=True):
     with engine.begin() as conn:
         conn.execute(
-            text("INSERT INTO messages (ref_id, oa_id, account) VALUES (:ref_id, :oa_id, :account)"),
+            text(
+                "INSERT INTO messages (ref_id, oa_id, account) VALUES (:ref_id, :oa_id, :account)"
+            ),
             [{"account": "default", **row} for row in rows],
         )
         if due_now:
@@ -26,9 +28,11 @@ def insert(engine, rows, *, due_now=True):
 
 def fetch(engine, ref_id):
     with engine.begin() as conn:
-        return conn.execute(
-            text("SELECT * FROM messages WHERE ref_id = :r"), {"r": ref_id}
-        ).mappings().one()
+        return (
+            conn.execute(text("SELECT * FROM messages WHERE ref_id = :r"), {"r": ref_id})
+            .mappings()
+            .one()
+        )
 
 
 def lease(engine, settings, account="default"):
@@ -49,9 +53,8 @@ def test_new_rows_get_first_poll_after_interval(engine, make_settings):
     assert float(gap) == pytest.approx(30)
 
 
-def test_two_claimers_never_get_the_same_ref_id(engine, make_settings):
+def test_two_claimers_never_get_the_same_ref_id(engine):
     insert(engine, [{"ref_id": f"r{i}", "oa_id": f"oa{i % 3}"} for i in range(3000)])
-    settings = make_settings(esms_batch_size=50)
     claimed: list[list[store.Batch]] = [[], []]
     barrier = threading.Barrier(2)
 
@@ -85,10 +88,14 @@ def test_batches_hold_one_oa_and_at_most_batch_size(engine, make_settings):
     with engine.begin() as conn:
         for batch in batches:
             assert len(batch.ref_ids) <= 200
-            oas = conn.execute(
-                text("SELECT DISTINCT oa_id FROM messages WHERE ref_id = ANY(:ids)"),
-                {"ids": list(batch.ref_ids)},
-            ).scalars().all()
+            oas = (
+                conn.execute(
+                    text("SELECT DISTINCT oa_id FROM messages WHERE ref_id = ANY(:ids)"),
+                    {"ids": list(batch.ref_ids)},
+                )
+                .scalars()
+                .all()
+            )
             assert oas == [batch.oa_id]
             leased = conn.execute(
                 text("SELECT count(*) FROM messages WHERE lease_id = :id"), {"id": batch.id}
@@ -100,8 +107,10 @@ def test_empty_oa_and_unknown_account_are_never_claimed(engine, make_settings):
     insert(engine, [{"ref_id": "blank", "oa_id": ""}])
     with engine.begin() as conn:
         conn.execute(
-            text("INSERT INTO messages (ref_id, oa_id, account, next_poll_at) "
-                 "VALUES ('other', 'oa1', 'nobody', now() - interval '1 s')")
+            text(
+                "INSERT INTO messages (ref_id, oa_id, account, next_poll_at) "
+                "VALUES ('other', 'oa1', 'nobody', now() - interval '1 s')"
+            )
         )
     report = scheduler.schedule_tick(engine, make_settings(), lambda batches: None)
     assert report.batches == []
@@ -109,33 +118,58 @@ def test_empty_oa_and_unknown_account_are_never_claimed(engine, make_settings):
 
 def test_complete_batch_merges_and_backs_off(engine, make_settings):
     settings = make_settings(poll_interval_seconds=30, poll_max_interval_seconds=100)
-    insert(engine, [{"ref_id": "done", "oa_id": "oa"}, {"ref_id": "wait", "oa_id": "oa"},
-                    {"ref_id": "none", "oa_id": "oa"}])
+    insert(
+        engine,
+        [
+            {"ref_id": "done", "oa_id": "oa"},
+            {"ref_id": "wait", "oa_id": "oa"},
+            {"ref_id": "none", "oa_id": "oa"},
+        ],
+    )
     intervals = []
     for _ in range(4):
         with engine.begin() as conn:
             conn.execute(text("UPDATE messages SET next_poll_at = now() WHERE state = 'pending'"))
         (batch,) = lease(engine, settings)
         records = [
-            CallbackRecord("done", send_status=5, send_success=1, total_price=Decimal("385.5"),
-                           error_info='{"error":0,"message":"Success"}'),
+            CallbackRecord(
+                "done",
+                send_status=5,
+                send_success=1,
+                total_price=Decimal("385.5"),
+                error_info='{"error":0,"message":"Success"}',
+            ),
             CallbackRecord("wait", send_status=2),
             CallbackRecord("stranger", send_status=5, send_success=1),
         ]
         with engine.begin() as conn:
             store.complete_batch(conn, batch, records, settings)
-            intervals.append(float(conn.execute(text(
-                "SELECT extract(epoch FROM next_poll_at - last_polled_at) FROM messages "
-                "WHERE ref_id = 'none'")).scalar()))
+            intervals.append(
+                float(
+                    conn.execute(
+                        text(
+                            "SELECT extract(epoch FROM next_poll_at - last_polled_at) "
+                            "FROM messages WHERE ref_id = 'none'"
+                        )
+                    ).scalar()
+                )
+            )
     assert intervals == pytest.approx([30, 60, 100, 100], abs=0.5)
     done = fetch(engine, "done")
-    assert (done["state"], done["send_status"], done["total_price"]) == ("sent", 5, Decimal("385.5"))
+    assert (done["state"], done["send_status"], done["total_price"]) == (
+        "sent",
+        5,
+        Decimal("385.5"),
+    )
     assert done["resolved_at"] is not None and done["next_poll_at"] is None
     assert done["error_code"] == 0 and done["poll_count"] == 1
     wait = fetch(engine, "wait")
     assert (wait["state"], wait["send_status"], wait["poll_count"]) == ("pending", 2, 4)
     with engine.begin() as conn:
-        assert conn.execute(text("SELECT count(*) FROM messages WHERE ref_id='stranger'")).scalar() == 0
+        assert (
+            conn.execute(text("SELECT count(*) FROM messages WHERE ref_id='stranger'")).scalar()
+            == 0
+        )
         assert conn.execute(text("SELECT count(*) FROM poll_batches")).scalar() == 0
 
 
@@ -151,8 +185,9 @@ def test_merge_is_forward_only(engine):
     assert merge(CallbackRecord("m", send_status=2)) == 0
     assert fetch(engine, "m")["send_status"] == 7
     # Duplicates in one answer: the most advanced wins, whatever the order.
-    final = CallbackRecord("m", send_status=5, send_success=0, send_failed=1,
-                           error_info='{"error":-118,"message":"x"}')
+    final = CallbackRecord(
+        "m", send_status=5, send_success=0, send_failed=1, error_info='{"error":-118,"message":"x"}'
+    )
     assert merge(final, CallbackRecord("m", send_status=2)) == 1
     row = fetch(engine, "m")
     assert (row["state"], row["error_code"], row["send_failed"]) == ("failed", -118, 1)
@@ -161,7 +196,10 @@ def test_merge_is_forward_only(engine):
     assert merge(final) == 0
     again = fetch(engine, "m")
     assert (again["state"], again["resolved_at"], again["updated_at"]) == (
-        "failed", row["resolved_at"], row["updated_at"])
+        "failed",
+        row["resolved_at"],
+        row["updated_at"],
+    )
 
 
 def test_rejected_is_final(engine):
@@ -201,8 +239,9 @@ def test_lapsed_lease_makes_rows_due_again(engine, make_settings):
 def test_expiry_sweep(engine, make_settings):
     insert(engine, [{"ref_id": "old", "oa_id": "oa"}, {"ref_id": "young", "oa_id": "oa"}])
     with engine.begin() as conn:
-        conn.execute(text("UPDATE messages SET created_at = now() - interval '4 days' "
-                          "WHERE ref_id = 'old'"))
+        conn.execute(
+            text("UPDATE messages SET created_at = now() - interval '4 days' WHERE ref_id = 'old'")
+        )
         assert store.expire_old(conn, 259200) == 1
         store.merge_callbacks(conn, [CallbackRecord("old", send_status=5, send_success=1)])
     old = fetch(engine, "old")
