@@ -61,7 +61,7 @@ def prepare_database(final_rows: int, backlog: int, accounts: list[str]) -> str:
             """
             INSERT INTO messages (ref_id, oa_id, state, send_status, send_success, total_price,
                                   created_at, resolved_at, poll_count)
-            SELECT 'final-' || g, 'oa-' || (g % 50), 'sent', 5, 1, 220.0,
+            SELECT 'final-' || g, 'oa-' || (g %% 50), 'sent', 5, 1, 220.0,
                    now() - interval '2 days', now() - interval '1 day', 3
             FROM generate_series(1, %s) AS g
             """,
@@ -71,8 +71,8 @@ def prepare_database(final_rows: int, backlog: int, accounts: list[str]) -> str:
             conn.execute(
                 """
                 INSERT INTO messages (ref_id, account, oa_id, next_poll_at)
-                SELECT md5(%s || g::text) || lpad((g % 100)::text, 2, '0'), %s,
-                       'oa-' || %s || '-' || (g % 5), now()
+                SELECT md5(%s || g::text) || lpad((g %% 100)::text, 2, '0'), %s,
+                       'oa-' || %s || '-' || (g %% 5), now()
                 FROM generate_series(1, %s) AS g
                 """,
                 (account, account, account, backlog),

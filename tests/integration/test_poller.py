@@ -1,0 +1,158 @@
+"""One poll against the real emulator over loopback: success, and every failure leaving data alone."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import redis
+from pydantic import SecretStr
+from sqlalchemy import text
+
+from tests.conftest import TEST_API_KEY, TEST_SECRET_KEY
+from tests.processes import start_emulator
+from worker import poller, scheduler, store
+from worker.esms_client import EsmsClient
+from worker.ratelimit import RateLimiter
+
+pytestmark = pytest.mark.integration
+
+FAULTS = {
+    "fault_5xx_rate": "HTTP 5",
+    "fault_broken_body_rate": "",
+    "fault_slow_rate": "timeout",
+}
+
+
+@pytest.fixture(scope="module")
+def emulator(tmp_path_factory):
+    from tests.processes import Children
+
+    children = Children(tmp_path_factory.mktemp("emulator"))
+    running = start_emulator(
+        children,
+        "--account", f"{TEST_API_KEY}:{TEST_SECRET_KEY}",
+        "--final-after-min-s", "0", "--final-after-max-s", "0",
+        "--slow-seconds", "3",
+    )  # fmt: skip
+    yield running
+    children.stop_all()
+
+
+@pytest.fixture
+def poll(engine, make_settings, emulator):
+    emulator.admin("POST", "/reset")
+    emulator.admin(
+        "POST",
+        "/config",
+        json={name: 0 for name in (*FAULTS, "fault_code_rate", "fault_stale_rate")},
+    )
+    settings = make_settings(esms_base_url=emulator.url, esms_timeout_seconds=1)
+    client = EsmsClient(settings.esms_base_url, settings.esms_timeout_seconds)
+    limiter = RateLimiter(redis.Redis.from_url(settings.redis_url.get_secret_value()), 19)
+
+    def run(ref_ids, *, oa_id="oa-1", **overrides):
+        local = settings.model_copy(update=overrides) if overrides else settings
+        with engine.begin() as conn:
+            conn.execute(
+                text(
+                    "INSERT INTO messages (ref_id, oa_id, next_poll_at) "
+                    "VALUES (:r, :o, now()) ON CONFLICT DO NOTHING"
+                ),
+                [{"r": ref, "o": oa_id} for ref in ref_ids],
+            )
+            conn.execute(text("UPDATE messages SET next_poll_at = now() WHERE state='pending'"))
+            rows = store.claim_due(conn, "default", 1000)
+            (batch,) = scheduler.group_into_batches("default", rows, 200, 1)
+            store.lease_batches(conn, "default", [batch], local.lease_seconds)
+        return poller.poll_batch(
+            batch.id, settings=local, engine=engine, client=client, limiter=limiter
+        )
+
+    yield run
+    client.close()
+
+
+def snapshot(engine):
+    with engine.begin() as conn:
+        return {
+            row["ref_id"]: row
+            for row in conn.execute(text("SELECT * FROM messages ORDER BY ref_id")).mappings()
+        }
+
+
+def test_success_merges_the_answer(poll, engine, emulator):
+    result = poll(["a1", "a2", "a3"])
+    assert result.outcome is poller.Outcome.DONE and result.items == 3
+    rows = snapshot(engine)
+    assert {row["state"] for row in rows.values()} <= {"sent", "failed", "rejected"}
+    truth = emulator.admin("GET", "/truth")["messages"]
+    assert {ref: rows[ref]["state"] for ref in rows} == {
+        ref: truth[ref]["final_state"] for ref in rows
+    }
+
+
+@pytest.mark.parametrize("knob", sorted(FAULTS))
+def test_failed_request_changes_no_data(poll, engine, emulator, caplog, knob):
+    emulator.admin("POST", "/messages", json={"messages": [{"ref_id": "b1", "oa_id": "oa-1"}]})
+    emulator.admin("POST", "/config", json={knob: 1.0})
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO messages (ref_id, oa_id) VALUES ('b1', 'oa-1')"))
+        store.merge_callbacks(conn, [])
+    before = snapshot(engine)
+    with caplog.at_level(logging.INFO, logger="worker"):
+        result = poll(["b1"])
+    after = snapshot(engine)
+    for column in ("state", "send_status", "error_info", "total_price", "updated_at"):
+        assert after["b1"][column] == before["b1"][column]
+    assert after["b1"]["lease_id"] is None
+    with engine.begin() as conn:
+        assert conn.execute(text("SELECT count(*) FROM poll_batches")).scalar() == 0
+    if result.outcome is poller.Outcome.DONE:
+        # `Data_callback` null or missing under Code 100 reads as "no callback yet".
+        assert knob == "fault_broken_body_rate" and result.items == 0
+        return
+    assert result.outcome is poller.Outcome.FAILED
+    failures = [r.getMessage() for r in caplog.records if "request failed" in r.getMessage()]
+    assert len(failures) == 1
+    assert "account=default oa=oa-1 size=1" in failures[0]
+    assert FAULTS[knob] in failures[0]
+    assert TEST_SECRET_KEY not in caplog.text and TEST_API_KEY not in caplog.text
+
+
+def test_wrong_keys_change_no_data(poll, engine, caplog):
+    with caplog.at_level(logging.INFO, logger="worker"):
+        result = poll(["c1"], esms_secret_key=SecretStr("not-the-secret"))
+    assert result.outcome is poller.Outcome.FAILED and "Code 101" in result.reason
+    assert snapshot(engine)["c1"]["state"] == "pending"
+    assert "not-the-secret" not in caplog.text
+
+
+def test_rate_limited_answer_pushes_the_budget_back(poll, emulator, make_settings):
+    emulator.admin("POST", "/config", json={"fault_code_rate": 1.0, "fault_codes": [160]})
+    result = poll(["d1"])
+    assert result.outcome is poller.Outcome.FAILED and "160" in result.reason
+    settings = make_settings()
+    limiter = RateLimiter(redis.Redis.from_url(settings.redis_url.get_secret_value()), 19)
+    reservation = limiter.reserve(settings.accounts["default"].limiter_key, 5)
+    assert reservation.wait_seconds > 0.5
+
+
+def test_stale_batch_sends_nothing(engine, make_settings, emulator):
+    settings = make_settings(esms_base_url=emulator.url)
+    emulator.admin("POST", "/reset")
+    with engine.begin() as conn:
+        conn.execute(
+            text("INSERT INTO messages (ref_id, oa_id, next_poll_at) VALUES ('e1', 'oa', now())")
+        )
+        rows = store.claim_due(conn, "default", 10)
+        (batch,) = scheduler.group_into_batches("default", rows, 200, 1)
+        # A lease too short to cover the wait, the request and the write.
+        store.lease_batches(conn, "default", [batch], 3)
+    client = EsmsClient(settings.esms_base_url, 1)
+    limiter = RateLimiter(redis.Redis.from_url(settings.redis_url.get_secret_value()), 19)
+    result = poller.poll_batch(
+        batch.id, settings=settings, engine=engine, client=client, limiter=limiter
+    )
+    assert result.outcome is poller.Outcome.STALE
+    assert emulator.admin("GET", "/requests")["requests"] == []
