@@ -187,7 +187,9 @@ class Demo:
             # A second Ctrl-C must not cut the cleanup short and leave servers running.
             previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
             try:
-                _step("Stopping worker, beat, emulator" + self._servers_note())
+                # Nor may a closed stdout (`| head`): the note is optional, the cleanup is not.
+                with contextlib.suppress(OSError):
+                    _step("Stopping worker, beat, emulator" + self._servers_note())
                 cleanup.close()
             finally:
                 signal.signal(signal.SIGINT, previous)

@@ -22,7 +22,7 @@ def _unwrap_once(text: str) -> str:
     if stripped.startswith('"'):
         try:
             inner, _ = _DECODER.raw_decode(stripped)
-        except ValueError:
+        except (ValueError, RecursionError):
             return stripped[1:]
         if isinstance(inner, str):
             return inner
@@ -37,7 +37,7 @@ def _leading_object(text: str) -> dict | None:
         return None
     try:
         value, _ = _DECODER.raw_decode(stripped)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     return value if isinstance(value, dict) else None
 

@@ -18,6 +18,7 @@ from worker.errors import (
     AccountRejected,
     MalformedResponse,
     OARejected,
+    ProviderError,
     ProviderRejected,
     ProviderUnavailable,
     RateLimited,
@@ -61,7 +62,25 @@ class EsmsClient:
             raise ProviderUnavailable(f"timeout ({type(exc).__name__})") from None
         except httpx.HTTPError as exc:
             raise ProviderUnavailable(f"transport error ({type(exc).__name__})") from None
-        return parse_get_callback_response(response.status_code, response.content)
+        try:
+            return parse_get_callback_response(response.status_code, response.content)
+        except ProviderError as exc:
+            # A provider that echoes the request in an error page must not put our keys into
+            # a log line.
+            exc.reason = _redact(exc.reason, body["ApiKey"], body["SecretKey"])
+            exc.args = (exc.reason,)
+            raise
+
+
+def _redact(text: str, *secrets: str) -> str:
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())[:_BODY_SAMPLE]
 
 
 def parse_get_callback_response(status_code: int, content: bytes) -> list[CallbackRecord]:
@@ -91,8 +110,8 @@ def parse_get_callback_response(status_code: int, content: bytes) -> list[Callba
 def _decode_json(content: bytes, status_code: int) -> dict:
     try:
         payload = json.loads(content, parse_float=Decimal)
-    except (ValueError, UnicodeDecodeError):
-        sample = content[:_BODY_SAMPLE].decode("utf-8", "replace").replace("\n", " ")
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        sample = _one_line(content[: _BODY_SAMPLE * 2].decode("utf-8", "replace"))
         raise MalformedResponse(f"HTTP {status_code}, body is not JSON: {sample!r}") from None
     if not isinstance(payload, dict):
         raise MalformedResponse(
@@ -119,7 +138,7 @@ def _result_code(payload: dict) -> int | None:
 
 def _error_for_code(code: int, payload: dict) -> Exception:
     message = payload.get("Message")
-    detail = f"Code {code}" + (f" ({str(message)[:_BODY_SAMPLE]})" if message else "")
+    detail = f"Code {code}" + (f" ({_one_line(str(message))})" if message else "")
     if code == CODE_TPS_EXCEEDED:
         return RateLimited(detail, code=code)
     if code in ACCOUNT_CODES:

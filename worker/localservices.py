@@ -201,9 +201,9 @@ def find_postgres_bin() -> Path:
 def _start_cluster(base: Path) -> tuple[PostgresCluster, int]:
     bin_dir = find_postgres_bin()
     run_as = _postgres_user() if _running_as_root() else None
+    stop_leftover_postgres(base.parent)
     base = _usable_cluster_dir(base.resolve(), run_as)
     cluster = PostgresCluster(base=base, data=base / "data", bin_dir=bin_dir, run_as=run_as)
-    _stop_leftover(cluster)
 
     base.mkdir(parents=True, exist_ok=True)
     socket_dir = base / "sock"
@@ -262,12 +262,15 @@ def _usable_cluster_dir(wanted: Path, run_as: str | None) -> Path:
     return Path(tempfile.mkdtemp(prefix="esms-demo-pg-"))
 
 
-def _stop_leftover(cluster: PostgresCluster) -> None:
-    # A run that was killed leaves its cluster running; stop it before wiping its files.
-    if (cluster.data / "postmaster.pid").exists():
+def stop_leftover_postgres(workdir: Path = DEFAULT_WORKDIR) -> None:
+    """Stop the throwaway cluster a killed run left under `workdir`, and delete its data."""
+    base = (workdir / "pg").resolve()
+    if (base / "data" / "postmaster.pid").exists():
+        run_as = _postgres_user() if _running_as_root() else None
+        cluster = PostgresCluster(base, base / "data", find_postgres_bin(), run_as)
         with contextlib.suppress(LocalServiceError):
             _pg_ctl(cluster, ["stop", "-m", "immediate", "-w"])
-    shutil.rmtree(cluster.data, ignore_errors=True)
+    shutil.rmtree(base / "data", ignore_errors=True)
 
 
 def _chown_tree(path: Path, user: str) -> None:

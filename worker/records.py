@@ -9,7 +9,6 @@ the batch. Nothing past this module sees a raw dict or a string-typed number.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any
@@ -72,6 +71,10 @@ _PRICE_FIELD = "totalprice"
 _REF_FIELD = "smsid"
 # An integer column is a Postgres integer; anything outside it is not a real count or code.
 _INT_MIN, _INT_MAX = -(2**31), 2**31 - 1
+# What Postgres numeric can store (131072 digits before the point, 16383 after), checked on the
+# exponent alone so that a hostile "1e999999999" costs nothing.
+_DECIMAL_MAX_ADJUSTED = 131071
+_DECIMAL_MIN_EXPONENT = -16383
 
 
 def to_int(value: Any) -> int | None:
@@ -80,44 +83,48 @@ def to_int(value: Any) -> int | None:
         return None
     if isinstance(value, int):
         number = value
-    elif isinstance(value, float | Decimal):
-        if not math.isfinite(value) or value != int(value):
+    elif isinstance(value, float | Decimal | str):
+        # Through Decimal, range-checked before int(): "1e999999999" must not build a
+        # billion-digit integer.
+        decimal = to_decimal(value)
+        if decimal is None or not _INT_MIN <= decimal <= _INT_MAX:
             return None
-        number = int(value)
-    elif isinstance(value, str):
-        text = value.strip()
-        if not text:
+        if decimal != decimal.to_integral_value():
             return None
-        try:
-            number = int(text)
-        except ValueError:
-            decimal = to_decimal(text)
-            if decimal is None or decimal != decimal.to_integral_value():
-                return None
-            number = int(decimal)
+        number = int(decimal)
     else:
         return None
     return number if _INT_MIN <= number <= _INT_MAX else None
 
 
 def to_decimal(value: Any) -> Decimal | None:
-    """An exact Decimal from a number or numeric string (floats through their shortest repr)."""
+    """An exact Decimal from a number or numeric string (floats through their shortest repr).
+
+    Values Postgres `numeric` cannot hold, or that no price or count could be, are None.
+    """
     if value is None or isinstance(value, bool):
         return None
-    if isinstance(value, Decimal):
-        number = value
-    elif isinstance(value, int):
-        number = Decimal(value)
-    elif isinstance(value, float):
-        number = Decimal(repr(value))
-    elif isinstance(value, str):
-        try:
+    try:
+        if isinstance(value, Decimal):
+            number = value
+        elif isinstance(value, int):
+            number = Decimal(value)
+        elif isinstance(value, float):
+            number = Decimal(repr(value))
+        elif isinstance(value, str):
             number = Decimal(value.strip())
-        except InvalidOperation:
+        else:
             return None
-    else:
+    except (InvalidOperation, ValueError):
         return None
-    return number if number.is_finite() else None
+    if not number.is_finite():
+        return None
+    if (
+        number.adjusted() > _DECIMAL_MAX_ADJUSTED
+        or number.as_tuple().exponent < _DECIMAL_MIN_EXPONENT
+    ):
+        return None
+    return number
 
 
 def to_text(value: Any) -> str | None:

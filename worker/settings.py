@@ -12,7 +12,7 @@ import hashlib
 from dataclasses import dataclass
 from functools import lru_cache
 
-from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_ACCOUNT = "default"
@@ -20,6 +20,8 @@ DEFAULT_ACCOUNT = "default"
 
 class AccountKeys(BaseModel):
     """One eSMS account's credentials as written in `ESMS_ACCOUNTS`."""
+
+    model_config = ConfigDict(hide_input_in_errors=True)
 
     api_key: SecretStr
     secret_key: SecretStr
@@ -46,7 +48,9 @@ class Account:
 class Settings(BaseSettings):
     """The environment variables of the operator contract, with their defaults."""
 
-    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", hide_input_in_errors=True
+    )
 
     database_url: SecretStr = SecretStr("postgresql+psycopg://postgres@127.0.0.1:5432/esms")
     redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
