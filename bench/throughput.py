@@ -35,7 +35,7 @@ from tests.integration.test_ratelimit import max_in_window  # noqa: E402
 from tests.processes import Children, celery, child_env, start_emulator, wait_for  # noqa: E402
 
 PG_SERVER = os.environ.get("BENCH_PG_SERVER", "postgresql://postgres@127.0.0.1:5432")
-REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/11")
 DATABASE = "esms_bench"
 RATE_LIMIT = 20
 BATCH = 200
@@ -81,17 +81,32 @@ def prepare_database(final_rows: int, backlog: int, accounts: list[str]) -> str:
     return url
 
 
-def proc_usage(pid: int) -> tuple[float, int]:
-    """CPU seconds (user+system, children included) and peak RSS in KiB of one process."""
-    with open(f"/proc/{pid}/stat") as handle:
-        fields = handle.read().rsplit(")", 1)[1].split()
-    cpu = sum(int(value) for value in fields[11:15]) / CLOCK_TICKS
-    peak = 0
-    with open(f"/proc/{pid}/status") as handle:
-        for line in handle:
-            if line.startswith("VmHWM:"):
-                peak = int(line.split()[1])
-    return cpu, peak
+def proc_usage(pid: int) -> tuple[float, int, int]:
+    """CPU seconds and summed peak RSS (KiB) of a process and its live children (the prefork
+    pool), and how many processes that was."""
+    pids = [pid] + [
+        int(entry)
+        for entry in os.listdir("/proc")
+        if entry.isdigit() and _parent(int(entry)) == pid
+    ]
+    cpu, peak = 0.0, 0
+    for one in pids:
+        with open(f"/proc/{one}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+        cpu += sum(int(value) for value in fields[11:15]) / CLOCK_TICKS
+        with open(f"/proc/{one}/status") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    peak += int(line.split()[1])
+    return cpu, peak, len(pids)
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return int(handle.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def pending_count(url: str) -> int:
@@ -99,7 +114,7 @@ def pending_count(url: str) -> int:
         return conn.execute("SELECT count(*) FROM messages WHERE state = 'pending'").fetchone()[0]
 
 
-def run(accounts_count: int, backlog: int, final_rows: int) -> dict:
+def run(accounts_count: int, backlog: int, final_rows: int, dump_log: str | None = None) -> dict:
     import redis
 
     redis.Redis.from_url(REDIS_URL).flushdb()
@@ -168,6 +183,8 @@ def run(accounts_count: int, backlog: int, final_rows: int) -> dict:
                 for name, child in (("worker", worker), ("beat", beat))
             }
             log = emulator.admin("GET", "/requests", params={"refids": 0})["requests"]
+            if dump_log:
+                Path(dump_log).write_text(json.dumps(log))
         finally:
             children.stop_all()
 
@@ -198,6 +215,7 @@ def run(accounts_count: int, backlog: int, final_rows: int) -> dict:
         "ceiling_per_second": ceiling,
         "fraction_of_ceiling": round(rate / ceiling, 4),
         "max_requests_in_any_1s_window": per_account_window,
+        "worker_processes": usage["worker"][2],
         "worker_cpu_s": round(usage["worker"][0], 1),
         "worker_peak_rss_mib": round(usage["worker"][1] / 1024, 1),
         "beat_cpu_s": round(usage["beat"][0], 1),
@@ -213,8 +231,9 @@ def main() -> None:
     parser.add_argument("--accounts", type=int, default=1)
     parser.add_argument("--backlog", type=int, default=100_000, help="pending messages per account")
     parser.add_argument("--final-rows", type=int, default=1_000_000)
+    parser.add_argument("--dump-log", help="write the emulator's request log (JSON) here")
     args = parser.parse_args()
-    result = run(args.accounts, args.backlog, args.final_rows)
+    result = run(args.accounts, args.backlog, args.final_rows, args.dump_log)
     print(json.dumps(result, indent=2))
     out = ROOT / "bench" / "results"
     out.mkdir(exist_ok=True)

@@ -161,6 +161,8 @@ class Child:
 
 @dataclass
 class Outcome:
+    """What the demo saw last: messages and total price by state, the emulator's request count."""
+
     counts: dict[str, int]
     prices: dict[str, Decimal | None]
     requests: int | None
@@ -169,6 +171,8 @@ class Outcome:
 
 
 class Demo:
+    """One run: servers, migration, emulator, seed, worker and beat, progress, cleanup, report."""
+
     def __init__(self, args: argparse.Namespace, settings: Settings) -> None:
         self.args = args
         self.settings = settings
@@ -176,6 +180,7 @@ class Demo:
         self.logs = self.workdir / "logs"
         self.tty = sys.stdout.isatty()
         self.throwaway_postgres = False
+        self.throwaway_redis = False
 
     def run(self) -> int:
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -266,6 +271,7 @@ class Demo:
             print(f"  using the server at REDIS_URL ({_server(url)})")
         else:
             cleanup.callback(server.stop)
+            self.throwaway_redis = True
             print(f"  nothing answers at REDIS_URL; started a throwaway one at {_server(url)}")
         redis_url = localservices.with_redis_db(url, self.args.redis_db)
         # Tasks left queued by an earlier run would poll batches that no longer exist.
@@ -278,7 +284,15 @@ class Demo:
         return redis_url
 
     def _servers_note(self) -> str:
-        return " and the throwaway servers" if self.throwaway_postgres else ""
+        started = [
+            name
+            for name, throwaway in (
+                ("Postgres", self.throwaway_postgres),
+                ("Redis", self.throwaway_redis),
+            )
+            if throwaway
+        ]
+        return f" and the throwaway {' and '.join(started)}" if started else ""
 
     # --- child processes -----------------------------------------------------------------------
 

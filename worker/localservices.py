@@ -33,6 +33,7 @@ import redis
 from psycopg import sql
 from redis.connection import parse_url
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
 
 DEFAULT_WORKDIR = Path(".demo")
 
@@ -130,11 +131,13 @@ class PostgresCluster:
     data: Path
     bin_dir: Path
     run_as: str | None
+    # A temporary base (see _usable_cluster_dir) goes entirely, its log included.
+    temporary: bool = False
 
     def stop(self) -> None:
         if (self.data / "postmaster.pid").exists():
             _pg_ctl(self, ["stop", "-m", "fast", "-w", "-t", str(_STOP_TIMEOUT_SECONDS)])
-        shutil.rmtree(self.data, ignore_errors=True)
+        shutil.rmtree(self.base if self.temporary else self.data, ignore_errors=True)
 
 
 def ensure_postgres(
@@ -145,7 +148,11 @@ def ensure_postgres(
     Returns the URL to use (same user and database name; another port for a throwaway server) and
     the cluster to stop, or None when the server was already running.
     """
-    parsed = make_url(url)
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        # Not echoed: the URL may hold a password.
+        raise LocalServiceError("DATABASE_URL is not a valid database URL") from None
     try:
         with _connect(parsed):
             return url, None
@@ -202,8 +209,9 @@ def _start_cluster(base: Path) -> tuple[PostgresCluster, int]:
     bin_dir = find_postgres_bin()
     run_as = _postgres_user() if _running_as_root() else None
     stop_leftover_postgres(base.parent)
-    base = _usable_cluster_dir(base.resolve(), run_as)
-    cluster = PostgresCluster(base=base, data=base / "data", bin_dir=bin_dir, run_as=run_as)
+    wanted = base.resolve()
+    base = _usable_cluster_dir(wanted, run_as)
+    cluster = PostgresCluster(base, base / "data", bin_dir, run_as, temporary=base != wanted)
 
     base.mkdir(parents=True, exist_ok=True)
     socket_dir = base / "sock"
@@ -253,9 +261,9 @@ def _usable_cluster_dir(wanted: Path, run_as: str | None) -> Path:
     """`wanted`, unless the postgres user cannot reach it (a root-only home): then a temp dir."""
     if run_as is None:
         return wanted
-    wanted.mkdir(parents=True, exist_ok=True)
+    wanted.parent.mkdir(parents=True, exist_ok=True)
     check = subprocess.run(
-        _as_user(run_as, ["test", "-x", str(wanted)]), capture_output=True, check=False
+        _as_user(run_as, ["test", "-x", str(wanted.parent)]), capture_output=True, check=False
     )
     if check.returncode == 0:
         return wanted
@@ -332,7 +340,10 @@ def with_redis_db(url: str, db: int) -> str:
 
 def ensure_redis(url: str, workdir: Path = DEFAULT_WORKDIR) -> tuple[str, RedisServer | None]:
     """Use the Redis at `url` if it answers; otherwise start a throwaway `redis-server`."""
-    client = redis.Redis.from_url(url, socket_connect_timeout=_CONNECT_TIMEOUT_SECONDS)
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=_CONNECT_TIMEOUT_SECONDS)
+    except ValueError:
+        raise LocalServiceError("REDIS_URL is not a valid Redis URL") from None
     try:
         client.ping()
         return url, None

@@ -62,6 +62,8 @@ messages = Table(
     ),
     # Due work per account, oldest first.
     Index("messages_due_idx", "account", "next_poll_at", postgresql_where=PENDING),
+    # Due work of one OA, to fill a batch up to the batch size.
+    Index("messages_due_oa_idx", "account", "oa_id", "next_poll_at", postgresql_where=PENDING),
     # New rows the scheduler has not given a first poll time yet.
     Index(
         "messages_new_idx",

@@ -91,8 +91,11 @@ def poll_batch(
     except ProviderError as exc:
         elapsed = time.monotonic() - started
         if isinstance(exc, RateLimited):
+            # The pause is on the shared budget; the batch itself may go again right after it.
             limiter.penalize(account.limiter_key, RATE_LIMITED_PAUSE_SECONDS)
-        _release(engine, batch, settings.poll_interval_seconds)
+            _release(engine, batch, RATE_LIMITED_PAUSE_SECONDS)
+        else:
+            _release(engine, batch, settings.poll_interval_seconds)
         log.warning(
             "account=%s oa=%s size=%d duration=%.3fs: request failed: %s",
             batch.account,

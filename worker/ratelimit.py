@@ -75,5 +75,8 @@ class RateLimiter:
             time.sleep(reservation.wait_seconds)
         return reservation
 
+    def ping(self) -> None:
+        self._redis.ping()
+
     def penalize(self, budget: str, seconds: float) -> None:
         self._penalize(keys=[_KEY_PREFIX + budget], args=[int(seconds * 1e6)])

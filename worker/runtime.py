@@ -1,7 +1,8 @@
 """Per-process resources: the settings, database engine, HTTP client and limiter, made once.
 
-Worker threads share them (each is thread-safe). Built lazily so that importing the Celery app —
-Flower, beat, `celery inspect` — opens no connection it does not need.
+Each worker process runs one task at a time, so it needs only a couple of connections. Built
+lazily, in the process that uses them: after the prefork pool has forked, and never in Flower,
+beat or `celery inspect`, which import the app but poll nothing.
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ from worker.ratelimit import RateLimiter
 from worker.settings import get_settings
 from worker.store import make_engine
 
+_CONNECTIONS_PER_PROCESS = 2
+
 
 @lru_cache(maxsize=1)
 def engine() -> Engine:
-    return make_engine(get_settings())
+    return make_engine(get_settings(), pool_size=_CONNECTIONS_PER_PROCESS)
 
 
 @lru_cache(maxsize=1)
@@ -28,7 +31,7 @@ def esms_client() -> EsmsClient:
     return EsmsClient(
         settings.esms_base_url,
         settings.esms_timeout_seconds,
-        max_connections=settings.worker_concurrency,
+        max_connections=_CONNECTIONS_PER_PROCESS,
     )
 
 
@@ -42,3 +45,14 @@ def rate_limiter() -> RateLimiter:
         health_check_interval=30,
     )
     return RateLimiter(client, settings.effective_rate_per_second)
+
+
+def warm_up() -> None:
+    """Connect to Postgres and Redis now; a failure here is left for the first task to report."""
+    try:
+        with engine().connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+        rate_limiter().ping()
+    except Exception:  # noqa: BLE001 - the task that needs the connection will raise it properly
+        pass
+    esms_client()

@@ -14,10 +14,11 @@ from __future__ import annotations
 import logging
 import math
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 
 from worker import store
 from worker.settings import Settings
@@ -54,6 +55,24 @@ def batches_wanted(settings: Settings, in_flight: int) -> int:
     return max(0, target - in_flight)
 
 
+def _fill_partial_batches(
+    conn: Connection, account: str, rows: list[DueRow], batch_size: int
+) -> list[DueRow]:
+    """Top up each OA's last, partial batch from that OA's other due rows.
+
+    The claim's LIMIT cuts across OAs, so with several OAs due every OA would end in a partial
+    batch, and every partial batch is a request spent on fewer than `batch_size` RefIds.
+    """
+    per_oa = Counter(row.oa_id for row in rows)
+    claimed = [row.ref_id for row in rows]
+    extra: list[DueRow] = []
+    for oa_id, count in per_oa.items():
+        missing = -count % batch_size
+        if missing:
+            extra.extend(store.claim_due_for_oa(conn, account, oa_id, missing, claimed))
+    return rows + extra
+
+
 @dataclass
 class TickReport:
     initialized: int = 0
@@ -82,6 +101,8 @@ def schedule_tick(
             if wanted == 0:
                 continue
             rows = store.claim_due(conn, name, wanted * settings.esms_batch_size)
+            if len(rows) == wanted * settings.esms_batch_size:
+                rows = _fill_partial_batches(conn, name, rows, settings.esms_batch_size)
             batches = group_into_batches(name, rows, settings.esms_batch_size, wanted)
             store.lease_batches(conn, name, batches, settings.lease_seconds)
             report.batches.extend(batches)

@@ -62,7 +62,7 @@ class Settings(BaseSettings):
     esms_rate_limit_per_second: float = Field(20, gt=0)
     # Fraction of the rate kept in reserve so that jitter between our clock and the provider's
     # arrival times cannot push a one-second window over the limit.
-    esms_rate_safety_margin: float = Field(0.04, ge=0, lt=0.5)
+    esms_rate_safety_margin: float = Field(0.03, ge=0, lt=0.5)
     esms_batch_size: int = Field(200, ge=1)
     esms_timeout_seconds: float = Field(10, gt=0)
 
@@ -73,11 +73,11 @@ class Settings(BaseSettings):
     # How often beat runs the scheduler, and how many seconds of the rate budget it keeps queued
     # ahead of the workers: enough to cover one tick plus the slowest response, never more.
     schedule_tick_seconds: float = Field(1.0, gt=0)
-    schedule_lookahead_seconds: float = Field(2.0, gt=0)
+    schedule_lookahead_seconds: float = Field(3.0, gt=0)
     # A claimed batch belongs to its task for this long; a worker that dies loses it only this long.
     lease_seconds: float = Field(60, gt=0)
 
-    worker_concurrency: int = Field(24, ge=1)
+    worker_concurrency: int = Field(16, ge=1)
 
     @field_validator("esms_base_url")
     @classmethod

@@ -31,11 +31,10 @@ from worker.records import CallbackRecord
 from worker.settings import Settings
 
 
-def make_engine(settings: Settings, *, pool_size: int | None = None) -> Engine:
-    size = pool_size or settings.worker_concurrency + 2
+def make_engine(settings: Settings, *, pool_size: int = 5) -> Engine:
     return create_engine(
         settings.sqlalchemy_url,
-        pool_size=size,
+        pool_size=pool_size,
         max_overflow=2,
         pool_pre_ping=True,
         pool_recycle=1800,
@@ -103,6 +102,17 @@ _CLAIM_DUE = text(
     """
 )
 
+_CLAIM_DUE_FOR_OA = text(
+    """
+    SELECT ref_id, oa_id FROM messages
+    WHERE state = 'pending' AND account = :account AND oa_id = :oa_id AND next_poll_at <= now()
+      AND NOT (ref_id = ANY(:exclude))
+    ORDER BY next_poll_at
+    LIMIT :limit
+    FOR UPDATE SKIP LOCKED
+    """
+)
+
 _INSERT_BATCHES = text(
     """
     INSERT INTO poll_batches (id, account, oa_id, ref_ids, lease_expires_at)
@@ -151,6 +161,17 @@ def inflight_batches(conn: Connection) -> dict[str, int]:
 def claim_due(conn: Connection, account: str, limit: int) -> list[DueRow]:
     """Lock up to `limit` due rows of one account, oldest due first, skipping rows others hold."""
     rows = conn.execute(_CLAIM_DUE, {"account": account, "limit": limit})
+    return [DueRow(ref_id, oa_id) for ref_id, oa_id in rows]
+
+
+def claim_due_for_oa(
+    conn: Connection, account: str, oa_id: str, limit: int, exclude: Sequence[str]
+) -> list[DueRow]:
+    """Lock up to `limit` more due rows of one account and OA, besides those in `exclude`."""
+    rows = conn.execute(
+        _CLAIM_DUE_FOR_OA,
+        {"account": account, "oa_id": oa_id, "limit": limit, "exclude": list(exclude)},
+    )
     return [DueRow(ref_id, oa_id) for ref_id, oa_id in rows]
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 
+from celery.signals import worker_process_init
+
 from worker import poller, runtime, scheduler
 from worker.celery import app
 from worker.settings import get_settings
@@ -26,6 +28,13 @@ def _enqueue(batches: Sequence[Batch]) -> None:
                 "size": len(batch.ref_ids),
             }
         )
+
+
+@worker_process_init.connect
+def _warm_up(**_kwargs) -> None:
+    """Open this pool process's connections before its first task, not inside it: the first
+    poll of a fresh process would otherwise leave late and leave a gap in the rate."""
+    runtime.warm_up()
 
 
 @app.task(name="esms.schedule", ignore_result=True)
