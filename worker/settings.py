@@ -62,7 +62,7 @@ class Settings(BaseSettings):
     esms_rate_limit_per_second: float = Field(20, gt=0)
     # Fraction of the rate kept in reserve so that jitter between our clock and the provider's
     # arrival times cannot push a one-second window over the limit.
-    esms_rate_safety_margin: float = Field(0.03, ge=0, lt=0.5)
+    esms_rate_safety_margin: float = Field(0.04, ge=0, lt=0.5)
     esms_batch_size: int = Field(200, ge=1)
     esms_timeout_seconds: float = Field(10, gt=0)
 
