@@ -45,7 +45,7 @@ app.conf.update(
     # other threads parse answers, which bunches requests at the provider (measured: up to
     # 100 ms late with 24 threads, under 15 ms with one sender per process).
     worker_pool="prefork",
-    worker_concurrency=settings.worker_concurrency,
+    worker_concurrency=settings.pool_processes,
     # Flower sees tasks as soon as they are sent, not only when a worker starts them.
     worker_send_task_events=True,
     task_send_sent_event=True,

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import math
 import uuid
-from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -63,13 +62,14 @@ def _fill_partial_batches(
     The claim's LIMIT cuts across OAs, so with several OAs due every OA would end in a partial
     batch, and every partial batch is a request spent on fewer than `batch_size` RefIds.
     """
-    per_oa = Counter(row.oa_id for row in rows)
-    claimed = [row.ref_id for row in rows]
+    claimed: dict[str, list[str]] = {}
+    for row in rows:
+        claimed.setdefault(row.oa_id, []).append(row.ref_id)
     extra: list[DueRow] = []
-    for oa_id, count in per_oa.items():
-        missing = -count % batch_size
+    for oa_id, ref_ids in claimed.items():
+        missing = -len(ref_ids) % batch_size
         if missing:
-            extra.extend(store.claim_due_for_oa(conn, account, oa_id, missing, claimed))
+            extra.extend(store.claim_due_for_oa(conn, account, oa_id, missing, ref_ids))
     return rows + extra
 
 

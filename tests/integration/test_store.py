@@ -259,3 +259,14 @@ def test_scheduler_keeps_queue_short(engine, make_settings):
     assert len(first.batches) == wanted == len(sent)
     # Nothing completed: the next tick adds nothing.
     assert scheduler.schedule_tick(engine, settings, sent.extend).batches == []
+
+
+def test_claim_cut_across_oas_still_sends_full_batches(engine, make_settings):
+    settings = make_settings(esms_batch_size=100)
+    insert(engine, [{"ref_id": f"f{i}", "oa_id": f"oa{i % 3}"} for i in range(9000)])
+    report = scheduler.schedule_tick(engine, settings, lambda batches: None)
+    wanted = scheduler.batches_wanted(settings, 0)
+    assert len(report.batches) == wanted
+    assert all(len(batch.ref_ids) == 100 for batch in report.batches)
+    ref_ids = [ref for batch in report.batches for ref in batch.ref_ids]
+    assert len(ref_ids) == len(set(ref_ids))
