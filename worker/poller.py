@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from sqlalchemy import Engine
 
 from worker import store
-from worker.errors import ProviderError, RateLimited
+from worker.cooloff import CoolOffs, account_scope, oa_scope
+from worker.errors import AccountRejected, OARejected, ProviderError, RateLimited
 from worker.esms_client import EsmsClient
 from worker.ratelimit import RateLimiter
 from worker.settings import Settings
@@ -57,6 +58,7 @@ def poll_batch(
     engine: Engine,
     client: EsmsClient,
     limiter: RateLimiter,
+    cooloffs: CoolOffs,
 ) -> PollResult:
     min_remaining = (
         MAX_LIMITER_WAIT_SECONDS + settings.esms_timeout_seconds + _LEASE_RESERVE_SECONDS
@@ -93,9 +95,14 @@ def poll_batch(
         if isinstance(exc, RateLimited):
             # The pause is on the shared budget; the batch itself may go again right after it.
             limiter.penalize(account.limiter_key, RATE_LIMITED_PAUSE_SECONDS)
-            _release(engine, batch, RATE_LIMITED_PAUSE_SECONDS)
+            delay = RATE_LIMITED_PAUSE_SECONDS
+        elif isinstance(exc, AccountRejected):
+            delay = cooloffs.pause(account_scope(batch.account), exc.reason)
+        elif isinstance(exc, OARejected):
+            delay = cooloffs.pause(oa_scope(batch.account, batch.oa_id), exc.reason)
         else:
-            _release(engine, batch, settings.poll_interval_seconds)
+            delay = settings.poll_interval_seconds
+        _release(engine, batch, delay)
         log.warning(
             "account=%s oa=%s size=%d duration=%.3fs: request failed: %s",
             batch.account,
@@ -106,6 +113,7 @@ def poll_batch(
         )
         return PollResult(Outcome.FAILED, size, reason=exc.reason)
     elapsed = time.monotonic() - started
+    cooloffs.clear(account_scope(batch.account), oa_scope(batch.account, batch.oa_id))
 
     with engine.begin() as conn:
         changed = store.complete_batch(conn, batch, records, settings)

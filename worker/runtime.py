@@ -12,6 +12,7 @@ from functools import lru_cache
 import redis
 from sqlalchemy import Engine
 
+from worker.cooloff import CoolOffs
 from worker.esms_client import EsmsClient
 from worker.ratelimit import RateLimiter
 from worker.settings import get_settings
@@ -36,15 +37,23 @@ def esms_client() -> EsmsClient:
 
 
 @lru_cache(maxsize=1)
-def rate_limiter() -> RateLimiter:
-    settings = get_settings()
-    client = redis.Redis.from_url(
-        settings.redis_url.get_secret_value(),
+def redis_client() -> redis.Redis:
+    return redis.Redis.from_url(
+        get_settings().redis_url.get_secret_value(),
         socket_timeout=5,
         socket_connect_timeout=5,
         health_check_interval=30,
     )
-    return RateLimiter(client, settings.effective_rate_per_second)
+
+
+@lru_cache(maxsize=1)
+def rate_limiter() -> RateLimiter:
+    return RateLimiter(redis_client(), get_settings().effective_rate_per_second)
+
+
+@lru_cache(maxsize=1)
+def cooloffs() -> CoolOffs:
+    return CoolOffs(redis_client())
 
 
 def warm_up() -> None:

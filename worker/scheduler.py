@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import Connection, Engine
 
 from worker import store
+from worker.cooloff import CoolOffs, account_scope
 from worker.settings import Settings
 from worker.store import Batch, DueRow
 
@@ -73,6 +75,33 @@ def _fill_partial_batches(
     return rows + extra
 
 
+_UNPOLLABLE_CHECK_SECONDS = 300.0
+_last_unpollable_check = -math.inf
+_reported_unpollable: set[tuple[str, bool]] = set()
+
+
+def _unpollable_check_due() -> bool:
+    global _last_unpollable_check
+    now = time.monotonic()
+    if now - _last_unpollable_check < _UNPOLLABLE_CHECK_SECONDS:
+        return False
+    _last_unpollable_check = now
+    return True
+
+
+def _report_unpollable(found: Iterable[tuple[str, bool, int]]) -> None:
+    """One warning per account (and per "no OAId") this process has not reported yet."""
+    for account, blank_oa, count in found:
+        if (account, blank_oa) in _reported_unpollable:
+            continue
+        _reported_unpollable.add((account, blank_oa))
+        why = "have an empty oa_id" if blank_oa else "belong to an account that is not configured"
+        log.warning(
+            "%d pending messages of account %r %s: never polled, they expire at the maximum age",
+            count, account, why,
+        )  # fmt: skip
+
+
 @dataclass
 class TickReport:
     initialized: int = 0
@@ -83,11 +112,22 @@ class TickReport:
 
 
 def schedule_tick(
-    engine: Engine, settings: Settings, enqueue: Callable[[Sequence[Batch]], None]
+    engine: Engine,
+    settings: Settings,
+    enqueue: Callable[[Sequence[Batch]], None],
+    cooloffs: CoolOffs | None = None,
 ) -> TickReport:
-    """One scheduling round; `enqueue` receives the new batches after they are committed."""
+    """One scheduling round; `enqueue` receives the new batches after they are committed.
+
+    Accounts and OAs in a cool-off (see `worker.cooloff`) are not claimed.
+    """
     report = TickReport()
-    accounts = settings.accounts
+    accounts = list(settings.accounts)
+    skip_oas: dict[str, list[str]] = {}
+    if cooloffs is not None:
+        paused = cooloffs.paused([account_scope(name) for name in accounts])
+        accounts = [name for name in accounts if account_scope(name) not in paused]
+        skip_oas = {name: cooloffs.paused_oas(name) for name in accounts}
     with engine.begin() as conn:
         if not store.try_scheduler_lock(conn):
             report.skipped = True
@@ -95,12 +135,16 @@ def schedule_tick(
         report.initialized = store.initialize_new(conn, settings.poll_interval_seconds)
         report.expired = store.expire_old(conn, settings.message_max_age_seconds)
         report.lapsed = store.drop_lapsed_batches(conn)
+        if report.expired or _unpollable_check_due():
+            _report_unpollable(store.unpollable(conn, list(settings.accounts)))
         in_flight = store.inflight_batches(conn)
         for name in accounts:
             wanted = batches_wanted(settings, in_flight.get(name, 0))
             if wanted == 0:
                 continue
-            rows = store.claim_due(conn, name, wanted * settings.esms_batch_size)
+            rows = store.claim_due(
+                conn, name, wanted * settings.esms_batch_size, skip_oas.get(name, ())
+            )
             if len(rows) == wanted * settings.esms_batch_size:
                 rows = _fill_partial_batches(conn, name, rows, settings.esms_batch_size)
             batches = group_into_batches(name, rows, settings.esms_batch_size, wanted)

@@ -97,6 +97,7 @@ _CLAIM_DUE = text(
     """
     SELECT ref_id, oa_id FROM messages
     WHERE state = 'pending' AND account = :account AND next_poll_at <= now() AND oa_id <> ''
+      AND NOT (oa_id = ANY(:skip_oas))
     ORDER BY next_poll_at
     LIMIT :limit
     FOR UPDATE SKIP LOCKED
@@ -134,6 +135,21 @@ _LEASE_ROWS = text(
 )
 
 
+_UNPOLLABLE = text(
+    """
+    SELECT account, oa_id = '' AS blank_oa, count(*) FROM messages
+    WHERE state = 'pending' AND (oa_id = '' OR NOT (account = ANY(:accounts)))
+    GROUP BY 1, 2
+    """
+)
+
+
+def unpollable(conn: Connection, accounts: Sequence[str]) -> list[tuple[str, bool, int]]:
+    """Pending rows no request can carry: (account, OAId empty?, count) for accounts that are not
+    configured or rows without an OAId. They wait, untouched, until they expire."""
+    return [tuple(row) for row in conn.execute(_UNPOLLABLE, {"accounts": list(accounts)})]
+
+
 def try_scheduler_lock(conn: Connection) -> bool:
     """Take the transaction-scoped scheduler lock, or learn another tick holds it."""
     return bool(conn.execute(_TRY_SCHEDULER_LOCK, {"key": _SCHEDULER_LOCK}).scalar())
@@ -159,9 +175,14 @@ def inflight_batches(conn: Connection) -> dict[str, int]:
     return {account: count for account, count in conn.execute(_INFLIGHT)}
 
 
-def claim_due(conn: Connection, account: str, limit: int) -> list[DueRow]:
-    """Lock up to `limit` due rows of one account, oldest due first, skipping rows others hold."""
-    rows = conn.execute(_CLAIM_DUE, {"account": account, "limit": limit})
+def claim_due(
+    conn: Connection, account: str, limit: int, skip_oas: Sequence[str] = ()
+) -> list[DueRow]:
+    """Lock up to `limit` due rows of one account, oldest due first, skipping rows others hold
+    and rows of the OAs in `skip_oas`."""
+    rows = conn.execute(
+        _CLAIM_DUE, {"account": account, "limit": limit, "skip_oas": list(skip_oas)}
+    )
     return [DueRow(ref_id, oa_id) for ref_id, oa_id in rows]
 
 

@@ -39,7 +39,7 @@ def _warm_up(**_kwargs) -> None:
 
 @app.task(name="esms.schedule", ignore_result=True)
 def schedule() -> dict:
-    report = scheduler.schedule_tick(runtime.engine(), get_settings(), _enqueue)
+    report = scheduler.schedule_tick(runtime.engine(), get_settings(), _enqueue, runtime.cooloffs())
     return {
         "skipped": report.skipped,
         "initialized": report.initialized,
@@ -57,5 +57,6 @@ def poll_batch(batch_id: str, account: str, oa_id: str, size: int) -> dict:
         engine=runtime.engine(),
         client=runtime.esms_client(),
         limiter=runtime.rate_limiter(),
+        cooloffs=runtime.cooloffs(),
     )
     return {"outcome": result.outcome.value, "size": result.size, "changed": result.changed}

@@ -1,4 +1,4 @@
-"""One poll against the real emulator over loopback: success, and every failure leaving data alone."""
+"""One poll against the real emulator: success, and every failure leaving the data alone."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from sqlalchemy import text
 from tests.conftest import TEST_API_KEY, TEST_SECRET_KEY
 from tests.processes import start_emulator
 from worker import poller, scheduler, store
+from worker.cooloff import CoolOffs, account_scope
 from worker.esms_client import EsmsClient
 from worker.ratelimit import RateLimiter
 
@@ -50,6 +51,7 @@ def poll(engine, make_settings, emulator):
     settings = make_settings(esms_base_url=emulator.url, esms_timeout_seconds=1)
     client = EsmsClient(settings.esms_base_url, settings.esms_timeout_seconds)
     limiter = RateLimiter(redis.Redis.from_url(settings.redis_url.get_secret_value()), 19)
+    cooloffs = CoolOffs(redis.Redis.from_url(settings.redis_url.get_secret_value()))
 
     def run(ref_ids, *, oa_id="oa-1", **overrides):
         local = settings.model_copy(update=overrides) if overrides else settings
@@ -66,7 +68,12 @@ def poll(engine, make_settings, emulator):
             (batch,) = scheduler.group_into_batches("default", rows, 200, 1)
             store.lease_batches(conn, "default", [batch], local.lease_seconds)
         return poller.poll_batch(
-            batch.id, settings=local, engine=engine, client=client, limiter=limiter
+            batch.id,
+            settings=local,
+            engine=engine,
+            client=client,
+            limiter=limiter,
+            cooloffs=cooloffs,
         )
 
     yield run
@@ -120,12 +127,34 @@ def test_failed_request_changes_no_data(poll, engine, emulator, caplog, knob):
     assert TEST_SECRET_KEY not in caplog.text and TEST_API_KEY not in caplog.text
 
 
-def test_wrong_keys_change_no_data(poll, engine, caplog):
+def test_wrong_keys_change_no_data_and_pause_the_account(poll, engine, caplog, make_settings):
+    wrong = SecretStr("not-the-secret")
     with caplog.at_level(logging.INFO, logger="worker"):
-        result = poll(["c1"], esms_secret_key=SecretStr("not-the-secret"))
+        result = poll(["c1"], esms_secret_key=wrong)
+        again = poll(["c2"], esms_secret_key=wrong)
     assert result.outcome is poller.Outcome.FAILED and "Code 101" in result.reason
-    assert snapshot(engine)["c1"]["state"] == "pending"
+    assert again.outcome is poller.Outcome.FAILED
+    rows = snapshot(engine)
+    assert rows["c1"]["state"] == "pending" and rows["c1"]["send_status"] is None
     assert "not-the-secret" not in caplog.text
+    # One error per cool-off, naming the account and the code, however many batches failed.
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "account:default" in errors[0] and "101" in errors[0]
+    # The rows wait out the cool-off, and the scheduler claims nothing for the account.
+    waits = [(row["next_poll_at"] - row["updated_at"]).total_seconds() for row in rows.values()]
+    assert min(waits) > 20
+    settings = make_settings()
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE messages SET next_poll_at = now()"))
+    cooloffs = CoolOffs(redis.Redis.from_url(settings.redis_url.get_secret_value()))
+    assert cooloffs.paused([account_scope("default")]) == {account_scope("default")}
+    tick = scheduler.schedule_tick(engine, settings, lambda batches: None, cooloffs)
+    assert tick.batches == []
+    # Keys accepted again: the cool-off ends with the first good answer.
+    cooloffs.clear(account_scope("default"))
+    result = poll(["c3"])
+    assert result.outcome is poller.Outcome.DONE
+    assert cooloffs.paused([account_scope("default")]) == set()
 
 
 def test_rate_limited_answer_pushes_the_budget_back(poll, emulator, make_settings):
@@ -151,8 +180,10 @@ def test_stale_batch_sends_nothing(engine, make_settings, emulator):
         store.lease_batches(conn, "default", [batch], 3)
     client = EsmsClient(settings.esms_base_url, 1)
     limiter = RateLimiter(redis.Redis.from_url(settings.redis_url.get_secret_value()), 19)
+    cooloffs = CoolOffs(redis.Redis.from_url(settings.redis_url.get_secret_value()))
     result = poller.poll_batch(
-        batch.id, settings=settings, engine=engine, client=client, limiter=limiter
-    )
+        batch.id, settings=settings, engine=engine, client=client, limiter=limiter,
+        cooloffs=cooloffs,
+    )  # fmt: skip
     assert result.outcome is poller.Outcome.STALE
     assert emulator.admin("GET", "/requests")["requests"] == []

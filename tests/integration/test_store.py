@@ -270,3 +270,22 @@ def test_claim_cut_across_oas_still_sends_full_batches(engine, make_settings):
     assert all(len(batch.ref_ids) == 100 for batch in report.batches)
     ref_ids = [ref for batch in report.batches for ref in batch.ref_ids]
     assert len(ref_ids) == len(set(ref_ids))
+
+
+def test_unpollable_rows_are_reported_once(engine, make_settings, caplog):
+    insert(engine, [{"ref_id": "blank", "oa_id": ""}])
+    with engine.begin() as conn:
+        conn.execute(
+            text("INSERT INTO messages (ref_id, oa_id, account) VALUES ('o', 'oa', 'nobody')")
+        )
+    scheduler._last_unpollable_check = float("-inf")
+    scheduler._reported_unpollable.clear()
+    settings = make_settings()
+    with caplog.at_level("WARNING", logger="worker"):
+        scheduler.schedule_tick(engine, settings, lambda batches: None)
+        scheduler._last_unpollable_check = float("-inf")
+        scheduler.schedule_tick(engine, settings, lambda batches: None)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2
+    assert any("'nobody'" in w and "not configured" in w for w in warnings)
+    assert any("empty oa_id" in w for w in warnings)

@@ -1,4 +1,4 @@
-"""The migrations build exactly the schema that worker/models.py describes, and downgrade cleanly."""
+"""The migrations build exactly the schema of worker/models.py, and downgrade cleanly."""
 
 from __future__ import annotations
 
