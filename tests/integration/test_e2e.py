@@ -99,8 +99,8 @@ def test_every_message_ends_with_the_emulators_truth(engine, database_url, redis
         conn.execute(text("INSERT INTO messages (ref_id, oa_id) VALUES (:ref_id, :oa_id)"), rows)
 
     env = daemon_env(database_url, redis_url, emulator.url)
-    celery(children, "worker", env)
-    celery(children, "beat", env)
+    worker = celery(children, "worker", env)
+    beat = celery(children, "beat", env)
 
     def pending() -> int:
         with engine.begin() as conn:
@@ -136,6 +136,11 @@ def test_every_message_ends_with_the_emulators_truth(engine, database_url, redis
     stamps = [entry["t"] for entry in log if entry["api_key"] == TEST_API_KEY]
     assert max_in_window(stamps) <= 20
     assert all(entry["code"] == 100 for entry in log)
+    # Both ran at DEBUG, which logs every task with its arguments: no key may appear.
+    for child in (worker, beat):
+        text_logged = child.log()
+        assert "esms.poll_batch" in text_logged or child is beat
+        assert TEST_SECRET_KEY not in text_logged and TEST_API_KEY not in text_logged
     by_ref = {ref["ref_id"]: ref["oa_id"] for ref in rows}
     for entry in log:
         assert 1 <= entry["n_refids"] <= 200
