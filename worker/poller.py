@@ -22,16 +22,12 @@ from worker.cooloff import CoolOffs, account_scope, oa_scope
 from worker.errors import AccountRejected, OARejected, ProviderError, RateLimited
 from worker.esms_client import EsmsClient
 from worker.ratelimit import RateLimiter
-from worker.settings import Settings
+from worker.settings import MAX_LIMITER_WAIT_SECONDS, Settings
 
 log = logging.getLogger(__name__)
 
-# A request that finds no slot within this wait gives its batch back rather than holding a worker.
-MAX_LIMITER_WAIT_SECONDS = 10.0
 # After "too fast" (Code 160) the account's whole budget pauses this long.
 RATE_LIMITED_PAUSE_SECONDS = 1.0
-# The lease must outlive the wait, the request and the write; a batch with less left is skipped.
-_LEASE_RESERVE_SECONDS = 5.0
 
 
 class Outcome(enum.StrEnum):
@@ -60,11 +56,8 @@ def poll_batch(
     limiter: RateLimiter,
     cooloffs: CoolOffs,
 ) -> PollResult:
-    min_remaining = (
-        MAX_LIMITER_WAIT_SECONDS + settings.esms_timeout_seconds + _LEASE_RESERVE_SECONDS
-    )
     with engine.begin() as conn:
-        batch = store.load_batch(conn, batch_id, min_remaining)
+        batch = store.load_batch(conn, batch_id, settings.lease_min_remaining_seconds)
     if batch is None:
         log.info("batch %s: lease gone or too short, not sent", batch_id)
         return PollResult(Outcome.STALE)

@@ -16,6 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_ACCOUNT = "default"
+# A poll that finds no rate slot within this wait gives its batch back rather than hold a process.
+MAX_LIMITER_WAIT_SECONDS = 10.0
+# Time a batch's lease must still have, beyond the wait and the request, for the final write.
+LEASE_WRITE_RESERVE_SECONDS = 5.0
 _PROCESSES_PER_ACCOUNT = 16
 _MAX_DEFAULT_PROCESSES = 64
 
@@ -91,6 +95,11 @@ class Settings(BaseSettings):
     def _check_intervals(self) -> Settings:
         if self.poll_max_interval_seconds < self.poll_interval_seconds:
             raise ValueError("POLL_MAX_INTERVAL_SECONDS must be >= POLL_INTERVAL_SECONDS")
+        if self.lease_seconds <= self.lease_min_remaining_seconds:
+            raise ValueError(
+                f"LEASE_SECONDS must exceed {self.lease_min_remaining_seconds:.0f}: the rate-slot "
+                "wait, ESMS_TIMEOUT_SECONDS and the write must fit in one lease"
+            )
         if (self.esms_api_key is None) != (self.esms_secret_key is None):
             raise ValueError("set both ESMS_API_KEY and ESMS_SECRET_KEY, or neither")
         if self.esms_api_key is not None and DEFAULT_ACCOUNT in self.esms_accounts:
@@ -119,6 +128,12 @@ class Settings(BaseSettings):
         if self.worker_concurrency is not None:
             return self.worker_concurrency
         return min(_PROCESSES_PER_ACCOUNT * max(1, len(self.accounts)), _MAX_DEFAULT_PROCESSES)
+
+    @property
+    def lease_min_remaining_seconds(self) -> float:
+        """A worker sends a batch only if its lease has this long left: the longest rate-slot
+        wait, the request timeout and the write."""
+        return MAX_LIMITER_WAIT_SECONDS + self.esms_timeout_seconds + LEASE_WRITE_RESERVE_SECONDS
 
     @property
     def effective_rate_per_second(self) -> float:

@@ -35,11 +35,11 @@ def fetch(engine, ref_id):
         )
 
 
-def lease(engine, settings, account="default"):
+def lease(engine, settings, account="default", seconds=None):
     with engine.begin() as conn:
         rows = store.claim_due(conn, account, 10_000)
         batches = scheduler.group_into_batches(account, rows, settings.esms_batch_size, 1000)
-        store.lease_batches(conn, account, batches, settings.lease_seconds)
+        store.lease_batches(conn, account, batches, seconds or settings.lease_seconds)
     return batches
 
 
@@ -225,9 +225,9 @@ def test_release_changes_no_data(engine, make_settings):
 
 
 def test_lapsed_lease_makes_rows_due_again(engine, make_settings):
-    settings = make_settings(lease_seconds=0.2)
+    settings = make_settings()
     insert(engine, [{"ref_id": "l", "oa_id": "oa"}])
-    (batch,) = lease(engine, settings)
+    (batch,) = lease(engine, settings, seconds=0.2)
     with engine.begin() as conn:
         assert store.claim_due(conn, "default", 10) == []
         conn.execute(text("SELECT pg_sleep(0.3)"))

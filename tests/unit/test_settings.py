@@ -306,3 +306,9 @@ def test_limiter_key_is_stable_across_processes():
             check=True,
         )
         assert done.stdout.strip() == here
+
+
+def test_lease_must_cover_wait_request_and_write():
+    with pytest.raises(ValueError, match="LEASE_SECONDS"):
+        Settings(_env_file=None, lease_seconds=20, esms_timeout_seconds=10)
+    Settings(_env_file=None, lease_seconds=20, esms_timeout_seconds=2)
