@@ -62,8 +62,6 @@ messages = Table(
     ),
     # Due work per account, oldest first.
     Index("messages_due_idx", "account", "next_poll_at", postgresql_where=PENDING),
-    # Due work of one OA, to fill a batch up to the batch size.
-    Index("messages_due_oa_idx", "account", "oa_id", "next_poll_at", postgresql_where=PENDING),
     # New rows the scheduler has not given a first poll time yet.
     Index(
         "messages_new_idx",
@@ -72,8 +70,6 @@ messages = Table(
     ),
     # Expiry sweep and "oldest pending" age.
     Index("messages_pending_created_idx", "created_at", postgresql_where=PENDING),
-    # The rows a batch holds, for its completion.
-    Index("messages_lease_idx", "lease_id", postgresql_where=text("lease_id IS NOT NULL")),
 )
 
 poll_batches = Table(

@@ -124,4 +124,4 @@ def poll_batch(
 
 def _release(engine: Engine, batch: store.Batch, delay_seconds: float) -> None:
     with engine.begin() as conn:
-        store.release_batch(conn, batch.id, delay_seconds)
+        store.release_batch(conn, batch, delay_seconds)

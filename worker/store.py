@@ -246,7 +246,8 @@ _FINISH_BATCH_ROWS = text(
     SET poll_count = poll_count + 1, last_polled_at = now(), lease_id = NULL,
         next_poll_at = now() + make_interval(
             secs => LEAST(:base * power(2, LEAST(poll_count, 30)), :max_interval))
-    WHERE lease_id = :id AND state = 'pending'
+    WHERE ref_id IN (SELECT jsonb_array_elements_text(CAST(:ref_ids AS jsonb)))
+      AND lease_id = :id AND state = 'pending'
     """
 )
 
@@ -254,7 +255,8 @@ _RELEASE_BATCH_ROWS = text(
     """
     UPDATE messages
     SET lease_id = NULL, next_poll_at = now() + make_interval(secs => :delay)
-    WHERE lease_id = :id AND state = 'pending'
+    WHERE ref_id IN (SELECT jsonb_array_elements_text(CAST(:ref_ids AS jsonb)))
+      AND lease_id = :id AND state = 'pending'
     """
 )
 
@@ -283,6 +285,7 @@ def complete_batch(
         _FINISH_BATCH_ROWS,
         {
             "id": batch.id,
+            "ref_ids": json.dumps(batch.ref_ids),
             "base": settings.poll_interval_seconds,
             "max_interval": settings.poll_max_interval_seconds,
         },
@@ -293,10 +296,13 @@ def complete_batch(
     return changed
 
 
-def release_batch(conn: Connection, batch_id: uuid.UUID, delay_seconds: float) -> None:
+def release_batch(conn: Connection, batch: Batch, delay_seconds: float) -> None:
     """End the lease without data: the rows fall due again after `delay_seconds`."""
-    conn.execute(_RELEASE_BATCH_ROWS, {"id": batch_id, "delay": delay_seconds})
-    conn.execute(_DELETE_BATCH, {"id": batch_id})
+    conn.execute(
+        _RELEASE_BATCH_ROWS,
+        {"id": batch.id, "ref_ids": json.dumps(batch.ref_ids), "delay": delay_seconds},
+    )
+    conn.execute(_DELETE_BATCH, {"id": batch.id})
 
 
 # --- the merge --------------------------------------------------------------------------------

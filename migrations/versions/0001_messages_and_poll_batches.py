@@ -70,20 +70,6 @@ def upgrade() -> None:
         postgresql_where=sa.text("state = 'pending'"),
     )
     op.create_index(
-        "messages_due_oa_idx",
-        "messages",
-        ["account", "oa_id", "next_poll_at"],
-        unique=False,
-        postgresql_where=sa.text("state = 'pending'"),
-    )
-    op.create_index(
-        "messages_lease_idx",
-        "messages",
-        ["lease_id"],
-        unique=False,
-        postgresql_where=sa.text("lease_id IS NOT NULL"),
-    )
-    op.create_index(
         "messages_new_idx",
         "messages",
         ["created_at"],
@@ -129,14 +115,6 @@ def downgrade() -> None:
         "messages_new_idx",
         table_name="messages",
         postgresql_where=sa.text("state = 'pending' AND next_poll_at IS NULL"),
-    )
-    op.drop_index(
-        "messages_lease_idx",
-        table_name="messages",
-        postgresql_where=sa.text("lease_id IS NOT NULL"),
-    )
-    op.drop_index(
-        "messages_due_oa_idx", table_name="messages", postgresql_where=sa.text("state = 'pending'")
     )
     op.drop_index(
         "messages_due_idx", table_name="messages", postgresql_where=sa.text("state = 'pending'")

@@ -217,7 +217,7 @@ def test_release_changes_no_data(engine, make_settings):
     before = fetch(engine, "x")
     (batch,) = lease(engine, settings)
     with engine.begin() as conn:
-        store.release_batch(conn, batch.id, 0)
+        store.release_batch(conn, batch, 0)
     after = fetch(engine, "x")
     for column in ("state", "send_status", "phone_number", "poll_count", "updated_at"):
         assert after[column] == before[column]
