@@ -4,15 +4,18 @@
 `account`); the daemon owns every other column. Partial indexes cover only pending rows, so finding
 due work costs the same beside ten million final rows as beside none. `poll_batches` holds the
 leases: one row per in-flight GetCallback request, with the RefIds it carries and when its claim
-runs out. Queries live in `worker.store`, not here.
+runs out. `message_history` records every change of a message, append-only. Queries live in
+`worker.store`, not here.
 """
 
 from __future__ import annotations
 
 from sqlalchemy import (
+    BigInteger,
     CheckConstraint,
     Column,
     DateTime,
+    Identity,
     Index,
     Integer,
     MetaData,
@@ -70,6 +73,37 @@ messages = Table(
     ),
     # Expiry sweep and "oldest pending" age.
     Index("messages_pending_created_idx", "created_at", postgresql_where=PENDING),
+)
+
+# Append-only: one row per change of a message's data, written in the statement that changes it.
+message_history = Table(
+    "message_history",
+    metadata,
+    Column("id", BigInteger, Identity(always=True), primary_key=True),
+    Column("ref_id", Text, nullable=False),
+    Column("at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+    # poll, push, expiry, repoll
+    Column("source", Text, nullable=False),
+    # The poll_batches id of the request whose answer made the change (the batch row itself is
+    # gone once the answer is written).
+    Column("batch_id", Uuid),
+    Column("old_state", Text),
+    Column("new_state", Text, nullable=False),
+    Column("old_send_status", Integer),
+    Column("new_send_status", Integer),
+    Column("error_code", Integer),
+    Index("message_history_ref_idx", "ref_id", "at"),
+    Index("message_history_at_idx", "at"),
+)
+
+# One row: when the scheduler last ran a tick. Beat's health check, readable with SQL.
+scheduler_heartbeat = Table(
+    "scheduler_heartbeat",
+    metadata,
+    Column("id", Integer, primary_key=True, server_default=text("1")),
+    Column("last_tick_at", DateTime(timezone=True), nullable=False),
+    Column("ticks", BigInteger, nullable=False, server_default=text("0")),
+    CheckConstraint("id = 1", name="scheduler_heartbeat_single_row"),
 )
 
 poll_batches = Table(

@@ -132,6 +132,7 @@ def schedule_tick(
         if not store.try_scheduler_lock(conn):
             report.skipped = True
             return report
+        store.heartbeat(conn)
         report.initialized = store.initialize_new(conn, settings.poll_interval_seconds)
         report.expired = store.expire_old(conn, settings.message_max_age_seconds)
         report.lapsed = store.drop_lapsed_batches(conn)

@@ -77,13 +77,18 @@ _INITIALIZE_NEW = text(
 
 _EXPIRE_OLD = text(
     """
-    UPDATE messages
-    SET state = 'expired', resolved_at = now(), updated_at = now(), next_poll_at = NULL,
-        lease_id = NULL
-    WHERE ref_id IN (
-        SELECT ref_id FROM messages
-        WHERE state = 'pending' AND created_at <= now() - make_interval(secs => :max_age)
-        LIMIT :limit FOR UPDATE SKIP LOCKED)
+    WITH expired AS (
+        UPDATE messages
+        SET state = 'expired', resolved_at = now(), updated_at = now(), next_poll_at = NULL,
+            lease_id = NULL
+        WHERE ref_id IN (
+            SELECT ref_id FROM messages
+            WHERE state = 'pending' AND created_at <= now() - make_interval(secs => :max_age)
+            LIMIT :limit FOR UPDATE SKIP LOCKED)
+        RETURNING ref_id, send_status)
+    INSERT INTO message_history (ref_id, source, old_state, new_state, old_send_status,
+                                 new_send_status)
+    SELECT ref_id, 'expiry', 'pending', 'expired', send_status, send_status FROM expired
     """
 )
 
@@ -148,6 +153,19 @@ def unpollable(conn: Connection, accounts: Sequence[str]) -> list[tuple[str, boo
     """Pending rows no request can carry: (account, OAId empty?, count) for accounts that are not
     configured or rows without an OAId. They wait, untouched, until they expire."""
     return [tuple(row) for row in conn.execute(_UNPOLLABLE, {"accounts": list(accounts)})]
+
+
+_HEARTBEAT = text(
+    """
+    INSERT INTO scheduler_heartbeat (id, last_tick_at, ticks) VALUES (1, now(), 1)
+    ON CONFLICT (id) DO UPDATE SET last_tick_at = now(), ticks = scheduler_heartbeat.ticks + 1
+    """
+)
+
+
+def heartbeat(conn: Connection) -> None:
+    """Record that a scheduler tick ran now."""
+    conn.execute(_HEARTBEAT)
 
 
 def try_scheduler_lock(conn: Connection) -> bool:
@@ -291,7 +309,9 @@ def complete_batch(
         },
     )
     asked = set(batch.ref_ids)
-    changed = merge_callbacks(conn, [record for record in records if record.ref_id in asked])
+    changed = merge_callbacks(
+        conn, [record for record in records if record.ref_id in asked], batch_id=batch.id
+    )
     conn.execute(_DELETE_BATCH, {"id": batch.id})
     return changed
 
@@ -338,27 +358,49 @@ _DATA_COLUMNS = ", ".join(f"m.{name}" for name in _MERGED_COLUMNS)
 _NEW_DATA = ", ".join(f"v.{name}" for name in _MERGED_COLUMNS)
 _FINAL_LIST = ", ".join(f"'{state}'" for state in sorted(FINAL_STATES - {State.EXPIRED}))
 
+# `old` is the same table joined again: it reads each row as it was before this statement, which
+# is what the history row records next to the new values.
 _MERGE = text(
     f"""
-    UPDATE messages AS m
-    SET {_SET_FIELDS},
-        resolved_at = CASE WHEN v.state IN ({_FINAL_LIST}) THEN now() END,
-        next_poll_at = CASE WHEN v.state IN ({_FINAL_LIST}) THEN NULL ELSE m.next_poll_at END,
-        lease_id = CASE WHEN v.state IN ({_FINAL_LIST}) THEN NULL ELSE m.lease_id END,
-        updated_at = now()
-    FROM jsonb_to_recordset(CAST(:records AS jsonb)) AS v({_RECORDSET_COLUMNS})
-    WHERE m.ref_id = v.ref_id
-      AND m.state = 'pending'
-      AND v.rank >= {sql_status_rank("m.send_status")}
-      AND ({_DATA_COLUMNS}) IS DISTINCT FROM ({_NEW_DATA})
+    WITH changed AS (
+        UPDATE messages AS m
+        SET {_SET_FIELDS},
+            resolved_at = CASE WHEN v.state IN ({_FINAL_LIST}) THEN now() END,
+            next_poll_at = CASE WHEN v.state IN ({_FINAL_LIST}) THEN NULL ELSE m.next_poll_at END,
+            lease_id = CASE WHEN v.state IN ({_FINAL_LIST}) THEN NULL ELSE m.lease_id END,
+            updated_at = now()
+        FROM jsonb_to_recordset(CAST(:records AS jsonb)) AS v({_RECORDSET_COLUMNS}),
+             messages AS old
+        WHERE m.ref_id = v.ref_id
+          AND old.ref_id = m.ref_id
+          AND m.state = 'pending'
+          AND v.rank >= {sql_status_rank("m.send_status")}
+          AND ({_DATA_COLUMNS}) IS DISTINCT FROM ({_NEW_DATA})
+        RETURNING m.ref_id, old.state AS old_state, m.state AS new_state,
+                  old.send_status AS old_send_status, m.send_status AS new_send_status,
+                  m.error_code
+    )
+    INSERT INTO message_history (ref_id, source, batch_id, old_state, new_state,
+                                 old_send_status, new_send_status, error_code)
+    SELECT ref_id, :source, CAST(:batch_id AS uuid), old_state, new_state,
+           old_send_status, new_send_status, error_code
+    FROM changed
     """
 )
 
 
-def merge_callbacks(conn: Connection, records: Sequence[CallbackRecord]) -> int:
+def merge_callbacks(
+    conn: Connection,
+    records: Sequence[CallbackRecord],
+    *,
+    source: str = "poll",
+    batch_id: uuid.UUID | None = None,
+) -> int:
     """Move rows forward with provider data; final rows and older reports change nothing.
 
-    Returns the number of rows whose data changed.
+    Every row that changes gets one `message_history` row in the same statement, naming the
+    `source` of the data ("poll", "push") and the poll batch it came from. Returns the number of
+    rows whose data changed.
     """
     chosen = most_advanced(records)
     if not chosen:
@@ -375,4 +417,9 @@ def merge_callbacks(conn: Connection, records: Sequence[CallbackRecord]) -> int:
             state=derive_state(record).value,
         )
         rows.append(row)
-    return conn.execute(_MERGE, {"records": json.dumps(rows)}).rowcount
+    params = {
+        "records": json.dumps(rows),
+        "source": source,
+        "batch_id": str(batch_id) if batch_id else None,
+    }
+    return conn.execute(_MERGE, params).rowcount

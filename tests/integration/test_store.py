@@ -259,6 +259,11 @@ def test_scheduler_keeps_queue_short(engine, make_settings):
     assert len(first.batches) == wanted == len(sent)
     # Nothing completed: the next tick adds nothing.
     assert scheduler.schedule_tick(engine, settings, sent.extend).batches == []
+    with engine.begin() as conn:
+        ticks, age = conn.execute(
+            text("SELECT ticks, now() - last_tick_at FROM scheduler_heartbeat")
+        ).one()
+    assert ticks >= 2 and age.total_seconds() < 5
 
 
 def test_claim_cut_across_oas_still_sends_full_batches(engine, make_settings):
@@ -289,3 +294,28 @@ def test_unpollable_rows_are_reported_once(engine, make_settings, caplog):
     assert len(warnings) == 2
     assert any("'nobody'" in w and "not configured" in w for w in warnings)
     assert any("empty oa_id" in w for w in warnings)
+
+
+def test_every_change_is_in_the_history(engine, make_settings):
+    settings = make_settings()
+    insert(engine, [{"ref_id": "h", "oa_id": "oa"}])
+    (batch,) = lease(engine, settings)
+    with engine.begin() as conn:
+        store.complete_batch(conn, batch, [CallbackRecord("h", send_status=2)], settings)
+    with engine.begin() as conn:
+        store.merge_callbacks(conn, [CallbackRecord("h", send_status=2)], source="push")
+        store.merge_callbacks(
+            conn, [CallbackRecord("h", send_status=5, send_success=0,
+                                  error_info='{"error":-108}')], source="push"
+        )  # fmt: skip
+        store.merge_callbacks(conn, [CallbackRecord("h", send_status=5, send_success=1)])
+        history = conn.execute(
+            text(
+                "SELECT source, batch_id, old_state, new_state, old_send_status, "
+                "new_send_status, error_code FROM message_history WHERE ref_id = 'h' ORDER BY id"
+            )
+        ).all()
+    assert history == [
+        ("poll", batch.id, "pending", "pending", None, 2, None),
+        ("push", None, "pending", "failed", 2, 5, -108),
+    ]
