@@ -114,6 +114,9 @@ def child_env(**overrides: str) -> dict[str, str]:
         key: value for key, value in os.environ.items() if not key.startswith(("ESMS_", "POLL_"))
     }
     env.update({"PYTHONUNBUFFERED": "1", "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}"})
+    # Workers of parallel tests must not fight over the metrics port; a test that scrapes
+    # metrics passes its own.
+    env.setdefault("METRICS_PORT", "0")
     env.update(overrides)
     return env
 
@@ -133,3 +136,116 @@ def wait_for(predicate, timeout: float, interval: float = 0.5, message: str = "c
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+
+
+# --- chaos helpers: signals, private Redis and Postgres servers to stop and start ------------
+
+
+def send_signal(child: Child, sig: int) -> None:
+    """Signal the child's main process only, as `kill <pid>` or `docker stop` would."""
+    if child.proc.poll() is None:
+        os.kill(child.proc.pid, sig)
+
+
+def terminate(child: Child, grace: float) -> bool:
+    """Stop the child as a supervisor does (`docker stop`, systemd): SIGTERM to the main process,
+    SIGKILL to the whole group if it has not exited after `grace` seconds. True if it exited by
+    itself."""
+    send_signal(child, signal.SIGTERM)
+    try:
+        child.proc.wait(grace)
+        return True
+    except subprocess.TimeoutExpired:
+        child.stop(signal.SIGKILL)
+        return False
+
+
+@dataclass
+class PrivateRedis:
+    """A `redis-server` child on its own port, with nothing on disk: a restart starts empty."""
+
+    children: Children
+    port: int
+    extra: tuple[str, ...] = ()
+    child: Child | None = None
+
+    def url(self, db: int = 0, password: str | None = None) -> str:
+        auth = f":{password}@" if password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/{db}"
+
+    def start(self, ready_timeout: float = 20) -> None:
+        argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+        argv += ["--appendonly", "no", *self.extra]
+        name = f"redis-{self.port}-{len(self.children.started)}"
+        self.child = self.children.spawn(name, argv, child_env())
+        deadline = time.monotonic() + ready_timeout
+        while time.monotonic() < deadline:
+            if self.child.proc.poll() is not None:
+                raise RuntimeError(f"redis-server exited: {self.child.log()}")
+            if "Ready to accept connections" in self.child.log():
+                return
+            time.sleep(0.05)
+        raise RuntimeError(f"redis-server not ready: {self.child.log()}")
+
+    def stop(self) -> None:
+        if self.child is not None:
+            self.child.stop()
+
+
+def start_private_redis(children: Children, *extra: str) -> PrivateRedis:
+    server = PrivateRedis(children, free_port(), tuple(extra))
+    server.start()
+    return server
+
+
+@dataclass
+class PrivatePostgres:
+    """A throwaway Postgres cluster (see worker/localservices.py) that can be stopped and started
+    again on the same port; `destroy()` ends it and deletes its data."""
+
+    cluster: object  # worker.localservices.PostgresCluster
+    url: str  # postgresql+psycopg://postgres@127.0.0.1:PORT/DATABASE
+
+    def stop(self) -> None:
+        from worker.localservices import _pg_ctl
+
+        _pg_ctl(self.cluster, ["stop", "-m", "fast", "-w", "-t", "30"])
+
+    def start(self) -> None:
+        from worker.localservices import _pg_ctl
+
+        log = str(self.cluster.base / "postgres.log")
+        _pg_ctl(self.cluster, ["start", "-w", "-t", "30", "-l", log])
+
+    def destroy(self) -> None:
+        self.cluster.stop()
+
+
+def start_private_postgres(workdir: Path, database: str = "esms_chaos") -> PrivatePostgres:
+    """A fresh cluster on a free loopback port holding `database`, migrated to head."""
+    import psycopg
+    from alembic import command
+
+    from tests.conftest import alembic_config
+    from worker.localservices import ensure_database, ensure_postgres, libpq_url
+
+    wanted = f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/{database}"
+    url, cluster = ensure_postgres(wanted, workdir)
+    if cluster is None:
+        raise RuntimeError("a server answered on a port that was free a moment ago")
+    server = PrivatePostgres(cluster, url)
+    try:
+        ensure_database(url)
+        # `pg_ctl start` alone must bring it back on the same port: keep the options in the
+        # cluster's own configuration.
+        port = url.rsplit(":", 1)[1].split("/", 1)[0]
+        with psycopg.connect(libpq_url(url), autocommit=True) as conn:
+            conn.execute(f"ALTER SYSTEM SET port = {int(port)}")
+            conn.execute("ALTER SYSTEM SET listen_addresses = '127.0.0.1'")
+            conn.execute("ALTER SYSTEM SET fsync = off")
+            conn.execute(f"ALTER SYSTEM SET unix_socket_directories = '{cluster.base / 'sock'}'")
+        command.upgrade(alembic_config(url), "head")
+    except BaseException:
+        server.destroy()
+        raise
+    return server

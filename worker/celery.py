@@ -1,8 +1,11 @@
 """The Celery app and its whole runtime configuration: `celery -A worker worker|beat|flower`.
 
 Everything a reader needs to know about how tasks run is in this file. The bare
-`celery -A worker worker` reaches full throughput: the work is waiting on HTTP, so a pool of
-threads in one process keeps enough requests in flight for the rate budget at little memory.
+`celery -A worker worker` reaches full throughput: a prefork pool of WORKER_CONCURRENCY processes
+keeps enough requests in flight for the rate budget. The signal handlers at the end give worker
+and beat the LOG_FORMAT (worker.logging_setup) and the worker its metrics endpoint
+(worker.metrics). `RedisTransport` is kombu's Redis transport with one crash on a lost broker
+connection repaired.
 """
 
 from __future__ import annotations
@@ -10,15 +13,66 @@ from __future__ import annotations
 from datetime import timedelta
 
 from celery import Celery
+from celery.signals import (
+    after_setup_logger,
+    after_setup_task_logger,
+    worker_init,
+    worker_process_shutdown,
+    worker_ready,
+    worker_shutdown,
+)
+from celery.utils.log import get_multiprocessing_logger
 from kombu import Queue
+from kombu.transport import redis as kombu_redis
 
+from worker import logging_setup, metrics
 from worker.settings import get_settings
 
 settings = get_settings()
 
+
+class RedisTransport(kombu_redis.Transport):
+    """kombu's Redis transport, except that a lost connection cannot stop the worker for good.
+
+    When the broker goes away (a Redis restart), Celery closes the channel and detaches it from
+    the transport; tasks that were running then still acknowledge their messages (late acks)
+    through that channel, and closing it tries to put unacknowledged messages back. With kombu
+    5.7 each of these raises AttributeError on the detached channel, and Celery 5.7 takes that
+    for an unrecoverable error: the worker stops consuming while its process stays up. Nothing
+    can be sent through a dead connection anyway, so these become no-ops: Redis hands out an
+    unacknowledged task again after the visibility timeout, where it finds its batch gone, and
+    a batch's Postgres lease returns its RefIds sooner.
+    """
+
+    class Channel(kombu_redis.Channel):
+        class QoS(kombu_redis.QoS):
+            def _detached(self) -> bool:
+                transport = self.channel.connection
+                return transport is None or transport.client is None
+
+            def ack(self, delivery_tag):
+                if not self._detached():
+                    super().ack(delivery_tag)
+
+            def reject(self, delivery_tag, requeue=False):
+                if not self._detached():
+                    super().reject(delivery_tag, requeue)
+
+            def restore_unacked(self, client=None):
+                if not self._detached():
+                    return super().restore_unacked(client)
+                return None
+
+
+_broker_url = settings.redis_url.get_secret_value()
+
 app = Celery("worker", include=["worker.tasks"])
 app.conf.update(
-    broker_url=settings.redis_url.get_secret_value(),
+    broker_url=_broker_url,
+    # The repaired transport for redis:// and rediss:// URLs (see RedisTransport above).
+    broker_transport=(
+        "worker.celery:RedisTransport" if _broker_url.startswith(("redis:", "rediss:")) else None
+    ),
     broker_connection_retry_on_startup=True,
     # Redis redelivers an unacknowledged task after this long; it must exceed the longest task
     # (limiter wait + request timeout + write, well under a minute) so a slow task is not run
@@ -60,3 +114,38 @@ app.conf.update(
         },
     },
 )
+
+
+# Sent by `celery worker` and `celery beat` once Celery made its handlers (Flower logs its own way).
+@after_setup_logger.connect
+def _log_format(logger, **_kwargs) -> None:
+    logging_setup.install(logger, settings)
+    # Pool start-up errors go through billiard's logger, which has handlers of its own.
+    if get_multiprocessing_logger() is not None:
+        logging_setup.install(get_multiprocessing_logger(), settings)
+
+
+@after_setup_task_logger.connect
+def _task_log_format(logger, **_kwargs) -> None:
+    logging_setup.install(logger, settings)
+
+
+@worker_init.connect
+def _metrics_files(**_kwargs) -> None:
+    # Main process, before the pool forks: the pool processes must inherit the files' directory.
+    metrics.prepare(settings)
+
+
+@worker_ready.connect
+def _metrics_endpoint(**_kwargs) -> None:
+    metrics.serve(settings)
+
+
+@worker_process_shutdown.connect
+def _metrics_process_exit(pid: int, **_kwargs) -> None:
+    metrics.process_exited(pid)
+
+
+@worker_shutdown.connect
+def _metrics_cleanup(**_kwargs) -> None:
+    metrics.cleanup()

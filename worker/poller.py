@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import Engine
 
-from worker import store
+from worker import metrics, store
 from worker.cooloff import CoolOffs, account_scope, oa_scope
 from worker.errors import AccountRejected, OARejected, ProviderError, RateLimited
 from worker.esms_client import EsmsClient
@@ -59,32 +59,46 @@ def poll_batch(
     with engine.begin() as conn:
         batch = store.load_batch(conn, batch_id, settings.lease_min_remaining_seconds)
     if batch is None:
-        log.info("batch %s: lease gone or too short, not sent", batch_id)
+        metrics.BATCHES.labels(Outcome.STALE).inc()
+        log.info(
+            "batch %s: lease gone or too short, not sent", batch_id, extra={"batch": str(batch_id)}
+        )
         return PollResult(Outcome.STALE)
 
     account = settings.accounts.get(batch.account)
     size = len(batch.ref_ids)
     if account is None:
         _release(engine, batch, settings.poll_max_interval_seconds)
+        metrics.BATCHES.labels(Outcome.UNKNOWN_ACCOUNT).inc()
+        log.warning(
+            "account=%s oa=%s size=%d: account not configured, batch released",
+            batch.account, batch.oa_id, size,
+            extra=_fields(batch, size, reason="account not configured"),
+        )  # fmt: skip
         return PollResult(Outcome.UNKNOWN_ACCOUNT, size, reason="account not configured")
 
     reservation = limiter.acquire(account.limiter_key, MAX_LIMITER_WAIT_SECONDS)
     if not reservation.granted:
         _release(engine, batch, 0)
+        metrics.BATCHES.labels(Outcome.NO_SLOT).inc()
         log.info(
             "account=%s oa=%s size=%d: no rate slot within %.0fs, batch released",
             batch.account,
             batch.oa_id,
             size,
             MAX_LIMITER_WAIT_SECONDS,
+            extra=_fields(batch, size, reason="no rate slot"),
         )
         return PollResult(Outcome.NO_SLOT, size)
+    metrics.LIMITER_WAIT_SECONDS.labels(batch.account).observe(reservation.wait_seconds)
 
     started = time.monotonic()
     try:
         records = client.get_callback(account, batch.oa_id, batch.ref_ids)
     except ProviderError as exc:
         elapsed = time.monotonic() - started
+        metrics.REQUESTS.labels(batch.account, metrics.request_result(exc)).inc()
+        metrics.REQUEST_SECONDS.labels(batch.account).observe(elapsed)
         if isinstance(exc, RateLimited):
             # The pause is on the shared budget; the batch itself may go again right after it.
             limiter.penalize(account.limiter_key, RATE_LIMITED_PAUSE_SECONDS)
@@ -96,6 +110,7 @@ def poll_batch(
         else:
             delay = settings.poll_interval_seconds
         _release(engine, batch, delay)
+        metrics.BATCHES.labels(Outcome.FAILED).inc()
         log.warning(
             "account=%s oa=%s size=%d duration=%.3fs: request failed: %s",
             batch.account,
@@ -103,13 +118,23 @@ def poll_batch(
             size,
             elapsed,
             exc.reason,
+            extra=_fields(batch, size, elapsed, reason=exc.reason),
         )
         return PollResult(Outcome.FAILED, size, reason=exc.reason)
     elapsed = time.monotonic() - started
+    metrics.REQUESTS.labels(batch.account, metrics.request_result(None)).inc()
+    metrics.REQUEST_SECONDS.labels(batch.account).observe(elapsed)
     cooloffs.clear(account_scope(batch.account), oa_scope(batch.account, batch.oa_id))
 
+    resolved: dict[str, int] = {}
     with engine.begin() as conn:
         changed = store.complete_batch(conn, batch, records, settings)
+        if changed:
+            resolved = store.resolved_in_this_transaction(conn, batch.ref_ids)
+    # Counted after the commit: a write that failed resolved nothing.
+    for state, count in resolved.items():
+        metrics.RESOLVED.labels(state).inc(count)
+    metrics.BATCHES.labels(Outcome.DONE).inc()
     log.info(
         "account=%s oa=%s size=%d duration=%.3fs: %d items, %d rows changed",
         batch.account,
@@ -118,8 +143,17 @@ def poll_batch(
         elapsed,
         len(records),
         changed,
+        extra=_fields(batch, size, elapsed, items=len(records), changed=changed),
     )
     return PollResult(Outcome.DONE, size, len(records), changed)
+
+
+def _fields(batch: store.Batch, size: int, duration: float | None = None, **more) -> dict:
+    """The structured fields of a batch's log line (`LOG_FORMAT=json` prints them as keys)."""
+    fields = {"account": batch.account, "oa": batch.oa_id, "size": size, "batch": str(batch.id)}
+    if duration is not None:
+        fields["duration"] = round(duration, 3)
+    return fields | more
 
 
 def _release(engine: Engine, batch: store.Batch, delay_seconds: float) -> None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import Connection, Engine
 
-from worker import store
+from worker import metrics, store
 from worker.cooloff import CoolOffs, account_scope
 from worker.settings import Settings
 from worker.store import Batch, DueRow
@@ -131,9 +131,12 @@ def schedule_tick(
     with engine.begin() as conn:
         if not store.try_scheduler_lock(conn):
             report.skipped = True
+            metrics.TICKS.labels("skipped").inc()
             return report
         store.heartbeat(conn)
-        report.initialized = store.initialize_new(conn, settings.poll_interval_seconds)
+        # With pushes, a new message waits out the grace first: most never need a poll.
+        first_poll = max(settings.poll_interval_seconds, settings.push_grace_seconds)
+        report.initialized = store.initialize_new(conn, first_poll)
         report.expired = store.expire_old(conn, settings.message_max_age_seconds)
         report.lapsed = store.drop_lapsed_batches(conn)
         if report.expired or _unpollable_check_due():
@@ -151,8 +154,14 @@ def schedule_tick(
             batches = group_into_batches(name, rows, settings.esms_batch_size, wanted)
             store.lease_batches(conn, name, batches, settings.lease_seconds)
             report.batches.extend(batches)
+    metrics.TICKS.labels("run").inc()
+    if report.expired:
+        metrics.RESOLVED.labels("expired").inc(report.expired)
+    for batch in report.batches:
+        metrics.BATCHES_QUEUED.labels(batch.account).inc()
     if report.batches:
         enqueue(report.batches)
+    metrics.refresh_backlog(engine, settings)
     if report.initialized or report.expired or report.lapsed or report.batches:
         log.info(
             "tick: %d new, %d expired, %d lapsed leases, %d batches queued (%d RefIds)",

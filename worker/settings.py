@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -85,6 +86,22 @@ class Settings(BaseSettings):
 
     # Pool processes of one `celery worker`; unset, 16 per configured account (see below).
     worker_concurrency: int | None = Field(None, ge=1)
+
+    # Prometheus endpoint of each `celery worker` (its main process); 0 turns it off. Loopback
+    # by default: the numbers are not secret, but nothing outside the host needs to reach it.
+    metrics_port: int = Field(9808, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"
+    # `text`: Celery's human-readable lines; `json`: one JSON object per line, for collectors.
+    log_format: Literal["text", "json"] = "text"
+
+    # The push receiver (`python -m worker.receiver`, docs/push.md). Its URL is
+    # /esms/callback/<PUSH_TOKEN>; without a token every push is refused with 404.
+    push_token: SecretStr | None = None
+    # A new message's first poll waits max(POLL_INTERVAL_SECONDS, this), so pushes resolve it
+    # first; 0 leaves polling as it is without pushes.
+    push_grace_seconds: float = Field(0, ge=0)
+    receiver_host: str = "127.0.0.1"
+    receiver_port: int = Field(8098, ge=0, le=65535)
 
     @field_validator("esms_base_url")
     @classmethod

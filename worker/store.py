@@ -17,6 +17,7 @@ import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
+from datetime import timedelta
 
 from sqlalchemy import Connection, Engine, create_engine, text
 
@@ -173,9 +174,10 @@ def try_scheduler_lock(conn: Connection) -> bool:
     return bool(conn.execute(_TRY_SCHEDULER_LOCK, {"key": _SCHEDULER_LOCK}).scalar())
 
 
-def initialize_new(conn: Connection, poll_interval_seconds: float, limit: int = 50_000) -> int:
-    """Give rows the sender just inserted their first poll time: created_at + the poll interval."""
-    result = conn.execute(_INITIALIZE_NEW, {"interval": poll_interval_seconds, "limit": limit})
+def initialize_new(conn: Connection, first_poll_seconds: float, limit: int = 50_000) -> int:
+    """Give rows the sender just inserted their first poll time: created_at + `first_poll_seconds`
+    (the poll interval, or the push grace when that is longer)."""
+    result = conn.execute(_INITIALIZE_NEW, {"interval": first_poll_seconds, "limit": limit})
     return result.rowcount
 
 
@@ -423,3 +425,245 @@ def merge_callbacks(
         "batch_id": str(batch_id) if batch_id else None,
     }
     return conn.execute(_MERGE, params).rowcount
+
+
+# --- the push receiver ------------------------------------------------------------------------
+
+_KNOWN_REF_IDS = text("SELECT ref_id FROM messages WHERE ref_id = ANY(:ref_ids)")
+
+
+def known_ref_ids(conn: Connection, ref_ids: Sequence[str]) -> set[str]:
+    """Which of `ref_ids` have a row: a push for any other SMSID has nowhere to go."""
+    if not ref_ids:
+        return set()
+    return {ref_id for (ref_id,) in conn.execute(_KNOWN_REF_IDS, {"ref_ids": list(ref_ids)})}
+
+
+# --- operator tools (worker.cli) --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NewMessage:
+    """A RefId to poll, as an operator registers it."""
+
+    ref_id: str
+    oa_id: str
+    account: str
+
+
+_TRACK = text(
+    """
+    INSERT INTO messages (ref_id, oa_id, account)
+    SELECT ref_id, oa_id, account
+    FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS v(ref_id text, oa_id text, account text)
+    ON CONFLICT (ref_id) DO NOTHING
+    """
+)
+_TRACK_CHUNK = 10_000
+
+
+def track(conn: Connection, messages: Sequence[NewMessage]) -> int:
+    """Insert messages for polling exactly as a sender would; a RefId already present is left as
+    it is, whatever its state. Returns how many were new."""
+    inserted = 0
+    for start in range(0, len(messages), _TRACK_CHUNK):
+        chunk = messages[start : start + _TRACK_CHUNK]
+        rows = [{"ref_id": m.ref_id, "oa_id": m.oa_id, "account": m.account} for m in chunk]
+        inserted += conn.execute(_TRACK, {"rows": json.dumps(rows)}).rowcount
+    return inserted
+
+
+@dataclass(frozen=True)
+class OaStatus:
+    """One account/OA pair as `esms-poller status` shows it."""
+
+    account: str
+    oa_id: str
+    pending: int
+    overdue: int
+    in_flight: int
+    oldest_pending_age: timedelta | None
+    sent: int
+    failed: int
+    rejected: int
+    expired: int
+    resolved_recently: int
+
+
+_STATUS = text(
+    """
+    SELECT account, oa_id,
+           count(*) FILTER (WHERE state = 'pending'),
+           count(*) FILTER (WHERE state = 'pending' AND next_poll_at < now()),
+           count(*) FILTER (WHERE state = 'pending' AND lease_id IS NOT NULL),
+           now() - min(created_at) FILTER (WHERE state = 'pending'),
+           count(*) FILTER (WHERE state = 'sent'),
+           count(*) FILTER (WHERE state = 'failed'),
+           count(*) FILTER (WHERE state = 'rejected'),
+           count(*) FILTER (WHERE state = 'expired'),
+           count(*) FILTER (WHERE resolved_at >= now() - make_interval(secs => :window))
+    FROM messages
+    GROUP BY account, oa_id
+    ORDER BY account, oa_id
+    """
+)
+
+
+def status(conn: Connection, recent_seconds: float) -> list[OaStatus]:
+    """Backlog and state counts per account and OA; `resolved_recently` counts rows that became
+    final within the last `recent_seconds`."""
+    return [OaStatus(*row) for row in conn.execute(_STATUS, {"window": recent_seconds})]
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    age: timedelta
+    ticks: int
+
+
+_HEARTBEAT_AGE = text("SELECT now() - last_tick_at, ticks FROM scheduler_heartbeat WHERE id = 1")
+
+
+def heartbeat_age(conn: Connection) -> Heartbeat | None:
+    """How long ago the scheduler last ran a tick; None if it never has."""
+    row = conn.execute(_HEARTBEAT_AGE).first()
+    return Heartbeat(*row) if row else None
+
+
+_MESSAGE = text("SELECT * FROM messages WHERE ref_id = :ref_id")
+_HISTORY = text(
+    """
+    SELECT at, source, batch_id, old_state, new_state, old_send_status, new_send_status,
+           error_code
+    FROM message_history WHERE ref_id = :ref_id ORDER BY at, id
+    """
+)
+
+
+def message(conn: Connection, ref_id: str) -> dict | None:
+    """Every column of one message, in table order; None if the RefId is unknown."""
+    row = conn.execute(_MESSAGE, {"ref_id": ref_id}).mappings().first()
+    return dict(row) if row else None
+
+
+def history(conn: Connection, ref_id: str) -> list[dict]:
+    """Every change the message went through, oldest first."""
+    return [dict(row) for row in conn.execute(_HISTORY, {"ref_id": ref_id}).mappings()]
+
+
+@dataclass(frozen=True)
+class RepollResult:
+    made_due: int  # pending rows whose next poll is now
+    revived: int  # expired rows back to pending (and due now)
+    revived_past_max_age: int  # of those, rows the expiry sweep will take back at once
+    in_flight: int  # matching rows a request holds right now: left alone
+
+
+# Filters of `repoll`, each used only when its parameter is given, so the planner sees plain
+# conditions (and the partial index of pending rows when only pending rows are wanted).
+_REPOLL_FILTERS = {
+    "account": "m.account = :account",
+    "oa_id": "m.oa_id = :oa_id",
+    "older_than": "m.created_at <= now() - make_interval(secs => :older_than)",
+    "ref_ids": "m.ref_id = ANY(CAST(:ref_ids AS text[]))",
+}
+
+
+def repoll(
+    conn: Connection,
+    *,
+    include_expired: bool,
+    max_age_seconds: float,
+    account: str | None = None,
+    oa_id: str | None = None,
+    older_than_seconds: float | None = None,
+    ref_ids: Sequence[str] | None = None,
+) -> RepollResult:
+    """Make the selected pending messages due now; with `include_expired`, also put the selected
+    expired ones back to pending (one history row each, source 'repoll'). Rows a request holds
+    are left to that request. `max_age_seconds` only counts revived rows the next expiry sweep
+    will expire again."""
+    given = {
+        "account": account,
+        "oa_id": oa_id,
+        "older_than": older_than_seconds,
+        "ref_ids": list(ref_ids) if ref_ids else None,
+    }
+    params = {name: value for name, value in given.items() if value is not None}
+    where = " ".join(f"AND {_REPOLL_FILTERS[name]}" for name in params)
+    states = "m.state IN ('pending', 'expired')" if include_expired else "m.state = 'pending'"
+    statement = text(
+        f"""
+        WITH changed AS (
+            UPDATE messages AS m
+            SET state = 'pending', next_poll_at = now(), resolved_at = NULL,
+                updated_at = CASE WHEN m.state = 'expired' THEN now() ELSE m.updated_at END
+            FROM messages AS old
+            WHERE old.ref_id = m.ref_id AND {states} AND m.lease_id IS NULL {where}
+            RETURNING m.ref_id, old.state AS old_state, m.send_status, m.created_at
+        ), revived AS (
+            INSERT INTO message_history (ref_id, source, old_state, new_state, old_send_status,
+                                         new_send_status)
+            SELECT ref_id, 'repoll', 'expired', 'pending', send_status, send_status
+            FROM changed WHERE old_state = 'expired'
+        )
+        SELECT count(*) FILTER (WHERE old_state = 'pending'),
+               count(*) FILTER (WHERE old_state = 'expired'),
+               count(*) FILTER (WHERE old_state = 'expired'
+                                AND created_at <= now() - make_interval(secs => :max_age)),
+               (SELECT count(*) FROM messages AS m
+                WHERE m.state = 'pending' AND m.lease_id IS NOT NULL {where})
+        FROM changed
+        """
+    )
+    row = conn.execute(statement, {**params, "max_age": max_age_seconds}).one()
+    return RepollResult(*row)
+
+
+_AN_OA_OF = text(
+    """
+    SELECT oa_id FROM messages
+    WHERE state = 'pending' AND account = :account AND oa_id <> '' LIMIT 1
+    """
+)
+
+
+def an_oa_of(conn: Connection, account: str) -> str | None:
+    """Some OAId the account has pending messages for (cheap: the partial index), or None."""
+    return conn.execute(_AN_OA_OF, {"account": account}).scalar()
+
+
+# --- metrics (worker.metrics) -----------------------------------------------------------------
+
+_RESOLVED_IN_THIS_TRANSACTION = text(
+    """
+    SELECT state, count(*) FROM messages
+    WHERE ref_id IN (SELECT jsonb_array_elements_text(CAST(:ref_ids AS jsonb)))
+      AND state <> 'pending' AND resolved_at = now()
+    GROUP BY state
+    """
+)
+
+
+def resolved_in_this_transaction(conn: Connection, ref_ids: Sequence[str]) -> dict[str, int]:
+    """How many of `ref_ids` this transaction made final, by state: the merge stamps
+    `resolved_at` with `now()`, which is the transaction's start time (primary-key lookups)."""
+    params = {"ref_ids": json.dumps(list(ref_ids))}
+    return {state: count for state, count in conn.execute(_RESOLVED_IN_THIS_TRANSACTION, params)}
+
+
+_PENDING_BACKLOG = text(
+    """
+    SELECT account, count(*), extract(epoch FROM now() - min(created_at))::float8
+    FROM messages
+    WHERE state = 'pending' AND account = ANY(:accounts)
+    GROUP BY account
+    """
+)
+
+
+def pending_backlog(conn: Connection, accounts: Sequence[str]) -> dict[str, tuple[int, float]]:
+    """Per account: pending rows and the age in seconds of the oldest. One aggregate over the
+    pending rows (about 0.15 s at a million of them), so callers run it every few seconds."""
+    rows = conn.execute(_PENDING_BACKLOG, {"accounts": list(accounts)})
+    return {account: (count, age) for account, count, age in rows}

@@ -33,9 +33,11 @@ def test_downgrade_to_base_and_up_again():
         command.downgrade(config, "base")
         engine = create_engine(url)
         with engine.connect() as conn:
-            tables = conn.exec_driver_sql(
-                "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
-            ).scalars().all()
+            tables = (
+                conn.exec_driver_sql("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+                .scalars()
+                .all()
+            )
         engine.dispose()
         assert tables == ["alembic_version"]
         command.upgrade(config, "head")

@@ -1,7 +1,8 @@
 """Command line: serve the emulator on loopback until SIGTERM or SIGINT.
 
     python -m worker.emulator [--host 127.0.0.1] [--port 8099]
-        [--account API_KEY:SECRET_KEY[:OA1,OA2]]... [--request-log PATH] [--<knob> VALUE]...
+        [--account API_KEY:SECRET_KEY[:OA1,OA2]]... [--request-log PATH] [--push-url URL]
+        [--<knob> VALUE]...
 
 Every knob of EmulatorConfig has a flag of the same name with dashes (`--latency-min-ms 250`,
 `--no-auto-register`, `--fault-codes 99,105`). Once the socket accepts connections the command
@@ -45,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="an accepted account, repeatable (default demo-key:demo-secret, any OA)",
     )
     parser.add_argument("--request-log", metavar="PATH", help="also write the log as JSON lines")
+    parser.add_argument(
+        "--push-url",
+        metavar="URL",
+        help="push the status changes of --push-rate of the messages here, as eSMS does",
+    )
     parser.add_argument("--log-level", default="warning", help="uvicorn log level")
     knobs = parser.add_argument_group("knobs (also settable at runtime: POST /_emulator/config)")
     for knob in KNOBS:
@@ -63,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
     """The EmulatorConfig the parsed flags describe; raises ConfigError when it is inconsistent."""
     given = {knob.name: getattr(args, knob.name) for knob in KNOBS}
-    extra: dict[str, Any] = {"request_log_path": args.request_log}
+    extra: dict[str, Any] = {"request_log_path": args.request_log, "push_url": args.push_url}
     if args.account:
         extra["accounts"] = tuple(args.account)
     config = EmulatorConfig(**extra, **{k: v for k, v in given.items() if v is not None})

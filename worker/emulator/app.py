@@ -20,6 +20,7 @@ from starlette.routing import Route
 
 from worker.emulator.config import ConfigError, EmulatorConfig
 from worker.emulator.provider import Provider
+from worker.emulator.push import Pusher
 from worker.emulator.registry import Registry
 from worker.emulator.requestlog import RequestLog
 from worker.emulator.truth import describe
@@ -36,6 +37,8 @@ def create_app(config: EmulatorConfig | None = None) -> Starlette:
     registry = Registry()
     log = RequestLog(config.request_log_path)
     provider = Provider(config, registry, log)
+    pusher = Pusher(config, registry)
+    registry.on_new = pusher.message_registered
 
     async def get_callback(request: Request) -> Response:
         reply = provider.answer(await request.body())
@@ -57,7 +60,20 @@ def create_app(config: EmulatorConfig | None = None) -> Starlette:
     async def truth(request: Request) -> Response:
         now = config.clock()
         messages = {message.ref_id: describe(message, now) for message in registry}
+        if pusher.enabled:
+            for message in registry:
+                entry = messages[message.ref_id]
+                entry["pushed"] = message.pushed
+                entry["pushes"] = pusher.describe(message.ref_id)
         return JSONResponse({"now": now, "messages": messages})
+
+    async def pushes(request: Request) -> Response:
+        deliveries = [
+            {"ref_id": ref_id, **delivery.to_json()}
+            for ref_id, each in pusher.deliveries.items()
+            for delivery in each
+        ]
+        return JSONResponse({"pushes": deliveries, **pusher.stats()})
 
     async def requests(request: Request) -> Response:
         since = max(_int_param(request, "since", 0) or 0, 0)
@@ -74,7 +90,10 @@ def create_app(config: EmulatorConfig | None = None) -> Starlette:
         )
 
     async def stats(request: Request) -> Response:
-        return JSONResponse({**log.stats(config.rate_window_s), "messages": len(registry)})
+        summary = {**log.stats(config.rate_window_s), "messages": len(registry)}
+        if pusher.enabled:
+            summary["pushes"] = pusher.stats()
+        return JSONResponse(summary)
 
     async def get_config(request: Request) -> Response:
         return JSONResponse(config.knobs())
@@ -88,6 +107,7 @@ def create_app(config: EmulatorConfig | None = None) -> Starlette:
 
     async def reset(request: Request) -> Response:
         provider.reset()
+        pusher.clear()
         return JSONResponse({"ok": True})
 
     async def healthz(request: Request) -> Response:
@@ -98,7 +118,9 @@ def create_app(config: EmulatorConfig | None = None) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await pusher.start()
         yield
+        await pusher.stop()
         log.close()
 
     app = Starlette(
@@ -108,6 +130,7 @@ def create_app(config: EmulatorConfig | None = None) -> Starlette:
             Route("/_emulator/truth", truth, methods=["GET"]),
             Route("/_emulator/requests", requests, methods=["GET"]),
             Route("/_emulator/stats", stats, methods=["GET"]),
+            Route("/_emulator/pushes", pushes, methods=["GET"]),
             Route("/_emulator/config", get_config, methods=["GET"]),
             Route("/_emulator/config", set_config, methods=["POST"]),
             Route("/_emulator/reset", reset, methods=["POST"]),

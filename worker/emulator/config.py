@@ -54,6 +54,8 @@ class EmulatorConfig:
 
     accounts: tuple[Account, ...] = (Account("demo-key", "demo-secret"),)
     request_log_path: str | None = None
+    # Where pushes go (push.py); the CallbackUrl of every pushed message.
+    push_url: str | None = None
     clock: Callable[[], float] = time.time
 
     seed: int = _knob(0, "seed of message truth (and, at start, of fault and latency draws)")
@@ -80,6 +82,8 @@ class EmulatorConfig:
     fault_duplicate_rate: float = _knob(0.0, "per item: add an older-status twin of the item")
     fault_code_rate: float = _knob(0.0, "fraction of requests answered with a non-100 Code")
     fault_codes: tuple[int, ...] = _knob((99, 105, 160), "Codes used by fault_code_rate")
+    push_rate: float = _knob(0.0, "fraction of messages whose status changes go to --push-url")
+    push_timeout_s: float = _knob(5.0, "a push unanswered this long is sent again (5 times)")
 
     def knobs(self) -> dict[str, Any]:
         """Current knob values, JSON-ready."""
@@ -116,6 +120,10 @@ class EmulatorConfig:
             raise ConfigError("visible_after_s and slow_seconds must not be negative")
         if not self.fault_codes:
             raise ConfigError("fault_codes must not be empty")
+        if self.push_timeout_s <= 0:
+            raise ConfigError("push_timeout_s must be positive")
+        if self.push_url is not None and not self.push_url.startswith(("http://", "https://")):
+            raise ConfigError("push_url must be an http:// or https:// URL")
 
     def request_fault_rates(self) -> dict[str, float]:
         """Request-level fault names (as logged) and their rates, in draw order."""
@@ -136,6 +144,8 @@ class EmulatorConfig:
             success_rate=self.success_rate,
             rejected_rate=self.rejected_rate,
             no_callback_rate=self.no_callback_rate,
+            push_url=self.push_url,
+            push_rate=self.push_rate if self.push_url is not None else 0.0,
         )
 
 

@@ -10,7 +10,7 @@ because the benchmark registers 100,000 RefIds in a few calls and most are read 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from worker.emulator.truth import Message, TruthKnobs, decide
@@ -29,6 +29,8 @@ class Registry:
 
     def __init__(self) -> None:
         self._messages: dict[str, Message | _Registration] = {}
+        # Told each new RefId as it is registered (the pusher schedules its status changes).
+        self.on_new: Callable[[str], None] | None = None
 
     def register(
         self, ref_id: str, oa_id: str, api_key: str | None, at: float, knobs: TruthKnobs
@@ -37,6 +39,8 @@ class Registry:
         if ref_id in self._messages:
             return False
         self._messages[ref_id] = _Registration(oa_id, api_key, at, knobs)
+        if self.on_new is not None:
+            self.on_new(ref_id)
         return True
 
     def get(self, ref_id: str) -> Message | None:

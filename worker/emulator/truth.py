@@ -10,7 +10,8 @@ A message's life, from its registration: nothing before `visible_at` (the RefId 
 SendStatus 2 (waiting), for most delivered or failed messages SendStatus 7 (handed to the carrier)
 from `carrier_at`, and the final item from `final_at`. Messages "sent without CallbackUrl" never
 have data. `final_item` is the item exactly as the poller should end up storing it (numbers as
-numbers).
+numbers). With a push URL configured, a `push_rate` fraction of messages were "sent" with that
+URL as CallbackUrl (`pushed`): push.py calls it at each of their status changes.
 """
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ class TruthKnobs:
     success_rate: float = 0.85
     rejected_rate: float = 0.02
     no_callback_rate: float = 0.0
+    push_url: str | None = None
+    push_rate: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +93,7 @@ class Message:
     final_item: dict[str, Any] | None  # None only for NO_CALLBACK
     error_code: int | None  # the Zalo code a parser can read from ErrorInfo, None if it has none
     error_form: ErrorForm | None
+    pushed: bool = False  # its CallbackUrl is the emulator's push URL: each change is pushed
 
 
 _TELCOS = ((1, 0.40), (2, 0.20), (3, 0.20), (4, 0.06), (5, 0.03), (6, 0.04), (7, 0.04), (9, 0.03))
@@ -188,6 +192,7 @@ def decide(
     failure_code = draws.weighted(_FAILURE_CODES)
     rejection_code = draws.weighted(_REJECTION_CODES)
     form = draws.weighted(_FORMS)
+    push_point = draws.unit()
 
     if no_callback:
         outcome = Outcome.NO_CALLBACK
@@ -197,6 +202,15 @@ def decide(
         outcome = Outcome.REJECTED
     else:
         outcome = Outcome.FAILED
+
+    # Sent with the receiver as CallbackUrl: GetCallback then reports that URL too.
+    pushed = (
+        knobs.push_url is not None
+        and outcome is not Outcome.NO_CALLBACK
+        and push_point < knobs.push_rate
+    )
+    if pushed:
+        static["CallbackUrl"] = knobs.push_url
 
     span = knobs.final_after_max_s - knobs.final_after_min_s
     final_at = registered_at + knobs.final_after_min_s + final_point * span
@@ -235,6 +249,7 @@ def decide(
         final_item=final_item,
         error_code=error_code,
         error_form=error_form,
+        pushed=pushed,
     )
 
 
