@@ -33,8 +33,9 @@ FAST = {
     "ESMS_BATCH_SIZE": "20",
     "WORKER_CONCURRENCY": "8",
     # The margin absorbs the jitter between a request's rate slot and its arrival. The default
-    # (4 %, 42 ms per 21 requests) is sized for a quiet host (docs/benchmarks.md); these tests
-    # share two cores with whatever else runs, and scheduling delays there reach 100 ms.
+    # 4 % (42 ms per 21 requests) once let 21 requests into one second here, where these tests
+    # share two cores with whatever else runs; 10 % leaves 100 ms. The tests prove that the
+    # limit is shared and survives faults, not how small the margin may be.
     "ESMS_RATE_SAFETY_MARGIN": "0.1",
     # Several workers may run at once on this machine: none serves metrics on the fixed port.
     "METRICS_PORT": "0",

@@ -66,7 +66,10 @@ def test_redis_restarted_empty(engine, database_url, children, emulator_with):
     assert worker.proc.poll() is None and beat.proc.poll() is None
     assert "Unrecoverable error" not in worker.log()
     assert worker.log().count("Connected to") >= 2
-    assert set(task_failures(worker.log())) <= {"network:ConnectionError", "ConnectionError"}
+    # Redis's ConnectionError, or kombu's OperationalError from a tick that could not queue
+    # the batches it had leased (they come back when the lease runs out).
+    failures = set(task_failures(worker.log()))
+    assert failures <= {"network:ConnectionError", "ConnectionError", "OperationalError"}
     assert_every_message_true(engine, emulator, [row["ref_id"] for row in before + after])
     log = request_log(emulator)
     resumed = [entry for entry in log if entry["t"] > restarted_at]

@@ -36,10 +36,10 @@ pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
 FAULTS = {
     "fault_5xx_rate": 0.08,
-    "fault_slow_rate": 0.04,
+    "fault_slow_rate": 0.08,
     "slow_seconds": 3.0,  # beyond ESMS_TIMEOUT_SECONDS=2
     "fault_broken_body_rate": 0.12,
-    "fault_code_rate": 0.12,
+    "fault_code_rate": 0.09,  # a third of them Code 160, which pauses the account 1 s
     "fault_codes": [99, 105, 160],
     "fault_stale_rate": 0.2,
     "fault_duplicate_rate": 0.3,
@@ -79,8 +79,12 @@ def test_misbehaving_provider(engine, database_url, broker_url, children, emulat
     emulator.admin("POST", "/config", json=FAULTS)
     rows = new_messages(400, OAS)
     insert_messages(engine, emulator, rows)
-    # About half the polls of a final message fail or show an older status: poll every second.
-    env = daemon_env(database_url, broker_url, emulator.url, POLL_MAX_INTERVAL_SECONDS="1", **KEYS)
+    # Batches of 5 make a few hundred requests, so every kind of fault comes up. About half the
+    # polls of a final message fail or show an older status: poll it every second.
+    env = daemon_env(
+        database_url, broker_url, emulator.url, ESMS_BATCH_SIZE="5", POLL_MAX_INTERVAL_SECONDS="1",
+        **KEYS,
+    )  # fmt: skip
     worker = celery(children, "worker", env)
     beat = celery(children, "beat", env)
 

@@ -113,11 +113,20 @@ def test_no_secret_in_logs_broker_or_flower(engine, role_url, children, emulator
 
     wait_for(lambda: count_pending(engine) == 0, timeout=90, message="every message final")
     flower_api = f"http://127.0.0.1:{flower_port}/api"
-    tasks = httpx.get(f"{flower_api}/tasks", auth=FLOWER_AUTH, timeout=30).text
-    assert "esms.poll_batch" in tasks
-    workers = httpx.get(
-        f"{flower_api}/workers", params={"refresh": 1}, auth=FLOWER_AUTH, timeout=30
-    ).text
+
+    def flower_get(path: str, **params) -> str:
+        try:
+            response = httpx.get(f"{flower_api}{path}", params=params, auth=FLOWER_AUTH, timeout=30)
+        except httpx.HTTPError:
+            return ""
+        return response.text if response.status_code == 200 else ""
+
+    tasks = wait_for(
+        lambda: (text := flower_get("/tasks")) and "esms.poll_batch" in text and text,
+        timeout=60, message="poll tasks in Flower",
+    )  # fmt: skip
+    workers = flower_get("/workers", refresh=1)
+    assert workers, "Flower did not list the workers"
     failures = [line for line in worker.log().splitlines() if "request failed" in line]
     assert failures, "no error path was exercised"
 
