@@ -124,13 +124,13 @@ def poll_batch(
     elapsed = time.monotonic() - started
     metrics.REQUESTS.labels(batch.account, metrics.request_result(None)).inc()
     metrics.REQUEST_SECONDS.labels(batch.account).observe(elapsed)
-    cooloffs.clear(account_scope(batch.account), oa_scope(batch.account, batch.oa_id))
-
     resolved: dict[str, int] = {}
     with engine.begin() as conn:
         changed = store.complete_batch(conn, batch, records, settings)
         if changed:
             resolved = store.resolved_in_this_transaction(conn, batch.ref_ids)
+    # After the commit: the answer is safe in Postgres even if Redis is away for this call.
+    cooloffs.clear(account_scope(batch.account), oa_scope(batch.account, batch.oa_id))
     # Counted after the commit: a write that failed resolved nothing.
     for state, count in resolved.items():
         metrics.RESOLVED.labels(state).inc(count)
