@@ -512,9 +512,8 @@ def repoll(
 ) -> None:
     """Make selected pending (and with --expired, expired) messages due for polling now.
 
-    Messages a request holds right now are left to it. An expired message older than
-    MESSAGE_MAX_AGE_SECONDS is expired again by the next scheduler tick: raise that setting
-    (for worker and beat) first if the provider was away for longer.
+    Messages a request holds right now are left to it. A revived expired message gets a new
+    MESSAGE_MAX_AGE_SECONDS from now before the scheduler gives up on it again.
     """
     if not (ref_ids or account or oa or older_than is not None or everything):
         raise typer.BadParameter(
@@ -526,7 +525,6 @@ def repoll(
         result = store.repoll(
             conn,
             include_expired=expired,
-            max_age_seconds=settings.message_max_age_seconds,
             account=account,
             oa_id=oa,
             older_than_seconds=older_than,
@@ -534,16 +532,13 @@ def repoll(
         )
     typer.echo(f"{result.made_due} pending messages are due now")
     if expired:
-        typer.echo(f"{result.revived} expired messages are pending again and due now")
+        typer.echo(
+            f"{result.revived} expired messages are pending again and due now; they expire again "
+            f"if still not final after MESSAGE_MAX_AGE_SECONDS "
+            f"({settings.message_max_age_seconds:g} s) from now"
+        )
     if result.in_flight:
         typer.echo(f"{result.in_flight} selected messages are being polled right now: left alone")
-    if result.revived_past_max_age:
-        typer.echo(
-            f"warning: {result.revived_past_max_age} of them are older than "
-            f"MESSAGE_MAX_AGE_SECONDS ({settings.message_max_age_seconds:g} s) and the next "
-            "scheduler tick will expire them again unless worker and beat run with a larger one",
-            err=True,
-        )
 
 
 # --- check-accounts ---------------------------------------------------------------------------

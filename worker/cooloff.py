@@ -62,6 +62,13 @@ class CoolOffs:
         values = self._redis.mget([_PAUSE + scope for scope in scopes])
         return {scope for scope, value in zip(scopes, values, strict=True) if value is not None}
 
+    def remaining(self, *scopes: str) -> float:
+        """Seconds until the longest running cool-off of `scopes` ends; 0 when none runs."""
+        pipe = self._redis.pipeline(transaction=False)
+        for scope in scopes:
+            pipe.pttl(_PAUSE + scope)
+        return max([0, *pipe.execute()]) / 1000
+
     def clear(self, *scopes: str) -> None:
         """The provider accepted a request: forget the refusals of these scopes."""
         keys = [prefix + scope for scope in scopes for prefix in (_PAUSE, _STREAK)]

@@ -61,7 +61,7 @@ RESOLVED = Counter(
 )
 BATCHES = Counter(
     "esms_batches_total",
-    "Poll tasks by outcome: done, failed/no_slot/unknown_account (batch released), stale",
+    "Poll tasks by outcome: done, failed/no_slot/paused/unknown_account (batch released), stale",
     ["outcome"],
 )
 TICKS = Counter(

@@ -60,6 +60,8 @@ messages = Table(
     Column("resolved_at", DateTime(timezone=True)),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
     Column("lease_id", Uuid),
+    # Set when an operator revives an expired message: its maximum age counts from here again.
+    Column("repolled_at", DateTime(timezone=True)),
     CheckConstraint(
         "state IN ('pending', 'sent', 'failed', 'rejected', 'expired')", name="messages_state_check"
     ),

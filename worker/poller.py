@@ -4,7 +4,8 @@
 GetCallback with no transaction open, and writes the answer in one transaction. A failed request
 changes no message's data: the batch's rows are released to be due again after a short delay, and
 one log line names the account, OAId, batch size and reason (never a key). Code 160 also pushes
-the account's budget back, so every worker slows down together.
+the account's budget back, so every worker slows down together. A batch whose account or OA
+cools off after a refusal (see `worker.cooloff`) is released unsent until the cool-off ends.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class Outcome(enum.StrEnum):
     DONE = "done"
     STALE = "stale"  # lease gone or too short: another request may own these RefIds now
     NO_SLOT = "no_slot"  # rate budget busy beyond the wait we accept
+    PAUSED = "paused"  # the account or OA cools off after a refusal: not sent
     UNKNOWN_ACCOUNT = "unknown_account"
     FAILED = "failed"
 
@@ -91,6 +93,21 @@ def poll_batch(
         )
         return PollResult(Outcome.NO_SLOT, size)
     metrics.LIMITER_WAIT_SECONDS.labels(batch.account).observe(reservation.wait_seconds)
+
+    # Checked with the slot in hand, right before sending: batches queued before a sibling batch
+    # was refused must not each spend a request the provider will refuse too.
+    paused_for = cooloffs.remaining(
+        account_scope(batch.account), oa_scope(batch.account, batch.oa_id)
+    )
+    if paused_for > 0:
+        _release(engine, batch, paused_for)
+        metrics.BATCHES.labels(Outcome.PAUSED).inc()
+        log.info(
+            "account=%s oa=%s size=%d: cooling off for %.0fs after a refusal, batch released",
+            batch.account, batch.oa_id, size, paused_for,
+            extra=_fields(batch, size, reason="cooling off"),
+        )  # fmt: skip
+        return PollResult(Outcome.PAUSED, size, reason="cooling off")
 
     started = time.monotonic()
     try:

@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from itertools import chain, zip_longest
 
 from sqlalchemy import Connection, Engine
 
@@ -48,6 +49,16 @@ def group_into_batches(
             batches.append((row.oa_id, current))
         current.append(row.ref_id)
     return [Batch(uuid.uuid4(), account, oa_id, tuple(ref_ids)) for oa_id, ref_ids in batches]
+
+
+def interleave_accounts(per_account: Sequence[Sequence[Batch]]) -> list[Batch]:
+    """One batch of each account in turn, each account's own order kept.
+
+    Pool processes take tasks in queue order and wait in them for their account's rate slot: a
+    queue holding one account's batches ahead of another's would park every process on the first
+    account's slots while the second account's go unused.
+    """
+    return [batch for batch in chain.from_iterable(zip_longest(*per_account)) if batch is not None]
 
 
 def batches_wanted(settings: Settings, in_flight: int) -> int:
@@ -142,6 +153,7 @@ def schedule_tick(
         if report.expired or _unpollable_check_due():
             _report_unpollable(store.unpollable(conn, list(settings.accounts)))
         in_flight = store.inflight_batches(conn)
+        per_account: list[list[Batch]] = []
         for name in accounts:
             wanted = batches_wanted(settings, in_flight.get(name, 0))
             if wanted == 0:
@@ -153,7 +165,8 @@ def schedule_tick(
                 rows = _fill_partial_batches(conn, name, rows, settings.esms_batch_size)
             batches = group_into_batches(name, rows, settings.esms_batch_size, wanted)
             store.lease_batches(conn, name, batches, settings.lease_seconds)
-            report.batches.extend(batches)
+            per_account.append(batches)
+        report.batches = interleave_accounts(per_account)
     metrics.TICKS.labels("run").inc()
     if report.expired:
         metrics.RESOLVED.labels("expired").inc(report.expired)

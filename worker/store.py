@@ -85,6 +85,7 @@ _EXPIRE_OLD = text(
         WHERE ref_id IN (
             SELECT ref_id FROM messages
             WHERE state = 'pending' AND created_at <= now() - make_interval(secs => :max_age)
+              AND (repolled_at IS NULL OR repolled_at <= now() - make_interval(secs => :max_age))
             LIMIT :limit FOR UPDATE SKIP LOCKED)
         RETURNING ref_id, send_status)
     INSERT INTO message_history (ref_id, source, old_state, new_state, old_send_status,
@@ -182,7 +183,9 @@ def initialize_new(conn: Connection, first_poll_seconds: float, limit: int = 50_
 
 
 def expire_old(conn: Connection, max_age_seconds: float, limit: int = 50_000) -> int:
-    """Give up on pending rows older than the maximum age: state `expired`, never polled again."""
+    """Give up on pending rows older than the maximum age: state `expired`, never polled again.
+
+    The age counts from `created_at`, or from `repolled_at` for a message an operator revived."""
     result = conn.execute(_EXPIRE_OLD, {"max_age": max_age_seconds, "limit": limit})
     return result.rowcount
 
@@ -255,8 +258,10 @@ def lease_batches(
 
 _LOAD_BATCH = text(
     """
-    SELECT account, oa_id, ref_ids FROM poll_batches
-    WHERE id = :id AND lease_expires_at > now() + make_interval(secs => :min_remaining)
+    SELECT account, oa_id, ref_ids,
+           lease_expires_at > now() + make_interval(secs => :min_remaining) AS long_enough
+    FROM poll_batches
+    WHERE id = :id AND lease_expires_at > now()
     """
 )
 
@@ -284,14 +289,21 @@ _DELETE_BATCH = text("DELETE FROM poll_batches WHERE id = :id")
 
 
 def load_batch(conn: Connection, batch_id: uuid.UUID, min_remaining_seconds: float) -> Batch | None:
-    """The batch, if its lease still has `min_remaining_seconds` to run; else None."""
+    """The batch, if its lease still has `min_remaining_seconds` to run; else None.
+
+    A batch that started too late to finish within its lease is released on the spot, its rows
+    due now, instead of leaving them claimed until the lease runs out."""
     row = conn.execute(
         _LOAD_BATCH, {"id": batch_id, "min_remaining": min_remaining_seconds}
     ).first()
     if row is None:
         return None
-    account, oa_id, ref_ids = row
-    return Batch(batch_id, account, oa_id, tuple(ref_ids))
+    account, oa_id, ref_ids, long_enough = row
+    batch = Batch(batch_id, account, oa_id, tuple(ref_ids))
+    if not long_enough:
+        release_batch(conn, batch, 0)
+        return None
+    return batch
 
 
 def complete_batch(
@@ -554,8 +566,7 @@ def history(conn: Connection, ref_id: str) -> list[dict]:
 @dataclass(frozen=True)
 class RepollResult:
     made_due: int  # pending rows whose next poll is now
-    revived: int  # expired rows back to pending (and due now)
-    revived_past_max_age: int  # of those, rows the expiry sweep will take back at once
+    revived: int  # expired rows back to pending (and due now), with a new maximum age from now
     in_flight: int  # matching rows a request holds right now: left alone
 
 
@@ -573,16 +584,14 @@ def repoll(
     conn: Connection,
     *,
     include_expired: bool,
-    max_age_seconds: float,
     account: str | None = None,
     oa_id: str | None = None,
     older_than_seconds: float | None = None,
     ref_ids: Sequence[str] | None = None,
 ) -> RepollResult:
     """Make the selected pending messages due now; with `include_expired`, also put the selected
-    expired ones back to pending (one history row each, source 'repoll'). Rows a request holds
-    are left to that request. `max_age_seconds` only counts revived rows the next expiry sweep
-    will expire again."""
+    expired ones back to pending (one history row each, source 'repoll') with `repolled_at` set,
+    so their maximum age counts from now. Rows a request holds are left to that request."""
     given = {
         "account": account,
         "oa_id": oa_id,
@@ -597,10 +606,11 @@ def repoll(
         WITH changed AS (
             UPDATE messages AS m
             SET state = 'pending', next_poll_at = now(), resolved_at = NULL,
-                updated_at = CASE WHEN m.state = 'expired' THEN now() ELSE m.updated_at END
+                updated_at = CASE WHEN m.state = 'expired' THEN now() ELSE m.updated_at END,
+                repolled_at = CASE WHEN m.state = 'expired' THEN now() ELSE m.repolled_at END
             FROM messages AS old
             WHERE old.ref_id = m.ref_id AND {states} AND m.lease_id IS NULL {where}
-            RETURNING m.ref_id, old.state AS old_state, m.send_status, m.created_at
+            RETURNING m.ref_id, old.state AS old_state, m.send_status
         ), revived AS (
             INSERT INTO message_history (ref_id, source, old_state, new_state, old_send_status,
                                          new_send_status)
@@ -609,14 +619,12 @@ def repoll(
         )
         SELECT count(*) FILTER (WHERE old_state = 'pending'),
                count(*) FILTER (WHERE old_state = 'expired'),
-               count(*) FILTER (WHERE old_state = 'expired'
-                                AND created_at <= now() - make_interval(secs => :max_age)),
                (SELECT count(*) FROM messages AS m
                 WHERE m.state = 'pending' AND m.lease_id IS NOT NULL {where})
         FROM changed
         """
     )
-    row = conn.execute(statement, {**params, "max_age": max_age_seconds}).one()
+    row = conn.execute(statement, params).one()
     return RepollResult(*row)
 
 

@@ -127,13 +127,17 @@ def test_failed_request_changes_no_data(poll, engine, emulator, caplog, knob):
     assert TEST_SECRET_KEY not in caplog.text and TEST_API_KEY not in caplog.text
 
 
-def test_wrong_keys_change_no_data_and_pause_the_account(poll, engine, caplog, make_settings):
+def test_wrong_keys_change_no_data_and_pause_the_account(
+    poll, engine, emulator, caplog, make_settings
+):
     wrong = SecretStr("not-the-secret")
     with caplog.at_level(logging.INFO, logger="worker"):
         result = poll(["c1"], esms_secret_key=wrong)
         again = poll(["c2"], esms_secret_key=wrong)
     assert result.outcome is poller.Outcome.FAILED and "Code 101" in result.reason
-    assert again.outcome is poller.Outcome.FAILED
+    # A batch queued before the refusal is not sent at all while the account cools off.
+    assert again.outcome is poller.Outcome.PAUSED
+    assert len(emulator.admin("GET", "/requests")["requests"]) == 1
     rows = snapshot(engine)
     assert rows["c1"]["state"] == "pending" and rows["c1"]["send_status"] is None
     assert "not-the-secret" not in caplog.text
@@ -187,3 +191,7 @@ def test_stale_batch_sends_nothing(engine, make_settings, emulator):
     )  # fmt: skip
     assert result.outcome is poller.Outcome.STALE
     assert emulator.admin("GET", "/requests")["requests"] == []
+    # Released on the spot, not left claimed for the rest of its lease: due again now.
+    with engine.begin() as conn:
+        assert conn.execute(text("SELECT count(*) FROM poll_batches")).scalar() == 0
+        assert [row.ref_id for row in store.claim_due(conn, "default", 10)] == ["e1"]

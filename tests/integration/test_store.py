@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from decimal import Decimal
+from itertools import pairwise
 
 import pytest
 from sqlalchemy import text
@@ -264,6 +265,21 @@ def test_scheduler_keeps_queue_short(engine, make_settings):
             text("SELECT ticks, now() - last_tick_at FROM scheduler_heartbeat")
         ).one()
     assert ticks >= 2 and age.total_seconds() < 5
+
+
+def test_two_accounts_alternate_in_the_queue(engine, make_settings):
+    settings = make_settings(
+        esms_batch_size=10,
+        esms_accounts={"shopb": {"api_key": "kb", "secret_key": "sb"}},
+    )
+    insert(engine, [{"ref_id": f"a{i}", "oa_id": "oa"} for i in range(2000)])
+    insert(engine, [{"ref_id": f"b{i}", "account": "shopb", "oa_id": "oa"} for i in range(2000)])
+    report = scheduler.schedule_tick(engine, settings, lambda batches: None)
+    order = [batch.account for batch in report.batches]
+    assert len(order) == 2 * scheduler.batches_wanted(settings, 0)
+    # Pool processes take tasks in this order and wait in them for their account's rate slot.
+    assert sorted(set(order)) == ["default", "shopb"]
+    assert all(first != second for first, second in pairwise(order))
 
 
 def test_claim_cut_across_oas_still_sends_full_batches(engine, make_settings):

@@ -1,4 +1,4 @@
-"""Unit tests for the scheduler's pure parts: `group_into_batches` and `batches_wanted`."""
+"""Unit tests for the scheduler's pure parts: grouping, interleaving and `batches_wanted`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from worker.scheduler import batches_wanted, group_into_batches
+from worker.scheduler import batches_wanted, group_into_batches, interleave_accounts
 from worker.settings import Settings
 from worker.store import Batch, DueRow
 
@@ -207,3 +207,23 @@ def test_batches_wanted_property(rate, margin, lookahead, in_flight):
     assert wanted == max(0, target - in_flight)
     if in_flight == 0:
         assert wanted >= 1, "an idle account always gets at least one request"
+
+
+# --- interleave_accounts ------------------------------------------------------------------------
+
+
+@given(st.lists(st.integers(min_value=0, max_value=6), max_size=4))
+def test_interleave_keeps_every_batch_and_each_accounts_order(sizes):
+    per_account = [
+        [Batch(uuid.uuid4(), f"acct{a}", "oa", (f"r{a}-{i}",)) for i in range(n)]
+        for a, n in enumerate(sizes)
+    ]
+    merged = interleave_accounts(per_account)
+    assert sorted(b.id.int for b in merged) == sorted(b.id.int for bs in per_account for b in bs)
+    for batches in per_account:
+        assert [b for b in merged if b in batches] == batches
+    # No account gets two turns in a row while another still has batches waiting.
+    for index in range(1, len(merged)):
+        if merged[index].account == merged[index - 1].account:
+            rest = {b.account for b in merged[index:]}
+            assert rest == {merged[index].account}
