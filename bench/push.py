@@ -272,6 +272,7 @@ def run_campaign(
     push_port: int,
     grace: float,
     poll_interval: float,
+    fill: float,
 ) -> dict:
     """One run: send `messages` at `per_second`, wait until none is pending, collect."""
     import redis
@@ -308,6 +309,8 @@ def run_campaign(
                 WORKER_CONCURRENCY="8",
                 PUSH_GRACE_SECONDS=str(grace if pushes else 0),
                 POLL_INTERVAL_SECONDS=str(poll_interval),
+                # The same in both runs: the comparison is pushes or not, nothing else.
+                POLL_BATCH_FILL_SECONDS=str(fill),
             )
             celery(children, "worker", env, "--loglevel=WARNING")
             celery(children, "beat", env, "--loglevel=WARNING")
@@ -426,11 +429,12 @@ def compare_rows(one: dict, other: dict) -> int:
 
 
 def run_savings(
-    scenarios: list[tuple[str, int, int, int]], grace: float, poll_interval: float
+    scenarios: list[tuple[str, int, int, int]], grace: float, poll_interval: float, fill: float
 ) -> dict:
     results: dict[str, Any] = {
         "push_grace_seconds": grace,
         "poll_interval_seconds": poll_interval,
+        "poll_batch_fill_seconds": fill,
         "scenarios": {},
     }
     for name, messages, per_second, oas in scenarios:
@@ -447,6 +451,7 @@ def run_savings(
                 push_port=port,
                 grace=grace,
                 poll_interval=poll_interval,
+                fill=fill,
             )
         differing = compare_rows(runs["push"].pop("_rows"), runs["poll_only"].pop("_rows"))
         saved = 1 - runs["push"]["getcallback_requests"] / runs["poll_only"]["getcallback_requests"]
@@ -475,6 +480,9 @@ def main() -> None:
     savings.add_argument("--messages", type=int, default=10_000)
     savings.add_argument("--grace", type=float, default=40, help="PUSH_GRACE_SECONDS")
     savings.add_argument("--poll-interval", type=float, default=30, help="POLL_INTERVAL_SECONDS")
+    savings.add_argument(
+        "--fill", type=float, default=30, help="POLL_BATCH_FILL_SECONDS (both runs)"
+    )
     savings.add_argument("--only", choices=["campaign", "steady"], help="run one scenario")
     args = parser.parse_args()
     if args.what == "latency":
@@ -487,7 +495,7 @@ def main() -> None:
             ("steady", args.messages, max(1, args.messages // 40), 2),
         ]
         chosen = [one for one in scenarios if args.only in (None, one[0])]
-        result = run_savings(chosen, args.grace, args.poll_interval)
+        result = run_savings(chosen, args.grace, args.poll_interval, args.fill)
     print(json.dumps(result, indent=2))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"push-{args.what}-{int(time.time())}.json").write_text(json.dumps(result, indent=2))

@@ -4,9 +4,10 @@ Beat runs `schedule_tick` every `SCHEDULE_TICK_SECONDS`. One tick, in one short 
 an advisory lock (so two beats are harmless): give new rows their first poll time, expire rows past
 the maximum age, drop lapsed leases, then for each configured account claim just enough due rows
 to keep `SCHEDULE_LOOKAHEAD_SECONDS` of its rate budget in flight. The claimed rows are grouped by
-OAId into batches of at most `ESMS_BATCH_SIZE`, leased, and only after the commit handed to the
-queue. The queue therefore never holds much more than the limiter can drain in a couple of
-seconds, and `next_poll_at` in Postgres, not a Celery ETA, is the schedule.
+OAId into batches of at most `ESMS_BATCH_SIZE` (with `POLL_BATCH_FILL_SECONDS`, a short batch of
+first polls may wait a little for more), leased, and only after the commit handed to the queue,
+one batch of each account in turn. The queue therefore never holds much more than the limiter can
+drain in a couple of seconds, and `next_poll_at` in Postgres, not a Celery ETA, is the schedule.
 """
 
 from __future__ import annotations
@@ -61,6 +62,22 @@ def interleave_accounts(per_account: Sequence[Sequence[Batch]]) -> list[Batch]:
     return [batch for batch in chain.from_iterable(zip_longest(*per_account)) if batch is not None]
 
 
+def hold_partial_batches(
+    batches: list[Batch], rows: Iterable[DueRow], batch_size: int
+) -> list[Batch]:
+    """The batches to send now: full ones, and partial ones holding a row that may not wait.
+
+    A partial batch made only of rows that may wait (never polled, due for less than
+    `POLL_BATCH_FILL_SECONDS`) stays unclaimed, to go out fuller at a later tick.
+    """
+    waiting = {row.ref_id for row in rows if row.may_wait}
+    return [
+        batch
+        for batch in batches
+        if len(batch.ref_ids) >= batch_size or not waiting.issuperset(batch.ref_ids)
+    ]
+
+
 def batches_wanted(settings: Settings, in_flight: int) -> int:
     """How many more requests one account may have queued or running right now."""
     target = math.ceil(settings.effective_rate_per_second * settings.schedule_lookahead_seconds)
@@ -68,7 +85,7 @@ def batches_wanted(settings: Settings, in_flight: int) -> int:
 
 
 def _fill_partial_batches(
-    conn: Connection, account: str, rows: list[DueRow], batch_size: int
+    conn: Connection, account: str, rows: list[DueRow], batch_size: int, fill_seconds: float
 ) -> list[DueRow]:
     """Top up each OA's last, partial batch from that OA's other due rows.
 
@@ -82,7 +99,9 @@ def _fill_partial_batches(
     for oa_id, ref_ids in claimed.items():
         missing = -len(ref_ids) % batch_size
         if missing:
-            extra.extend(store.claim_due_for_oa(conn, account, oa_id, missing, ref_ids))
+            extra.extend(
+                store.claim_due_for_oa(conn, account, oa_id, missing, ref_ids, fill_seconds)
+            )
     return rows + extra
 
 
@@ -158,12 +177,15 @@ def schedule_tick(
             wanted = batches_wanted(settings, in_flight.get(name, 0))
             if wanted == 0:
                 continue
+            fill = settings.poll_batch_fill_seconds
             rows = store.claim_due(
-                conn, name, wanted * settings.esms_batch_size, skip_oas.get(name, ())
+                conn, name, wanted * settings.esms_batch_size, skip_oas.get(name, ()), fill
             )
             if len(rows) == wanted * settings.esms_batch_size:
-                rows = _fill_partial_batches(conn, name, rows, settings.esms_batch_size)
+                rows = _fill_partial_batches(conn, name, rows, settings.esms_batch_size, fill)
             batches = group_into_batches(name, rows, settings.esms_batch_size, wanted)
+            if fill > 0:
+                batches = hold_partial_batches(batches, rows, settings.esms_batch_size)
             store.lease_batches(conn, name, batches, settings.lease_seconds)
             per_account.append(batches)
         report.batches = interleave_accounts(per_account)

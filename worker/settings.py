@@ -76,6 +76,11 @@ class Settings(BaseSettings):
     poll_interval_seconds: float = Field(30, gt=0)
     poll_max_interval_seconds: float = Field(600, gt=0)
     message_max_age_seconds: float = Field(259200, gt=0)
+    # A batch of RefIds never polled yet that is short of ESMS_BATCH_SIZE may wait up to this long
+    # past its oldest row's due time for more of its OA's messages to fall due, so the few
+    # messages each tick brings (the ones pushes missed, or a slow trickle) share full requests.
+    # Rows already polled never wait: the gap between two polls stays within the maximum.
+    poll_batch_fill_seconds: float = Field(0, ge=0)
 
     # How often beat runs the scheduler, and how many seconds of the rate budget it keeps queued
     # ahead of the workers: enough to cover one tick plus the slowest response, never more.

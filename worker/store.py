@@ -48,6 +48,8 @@ def make_engine(settings: Settings, *, pool_size: int = 5) -> Engine:
 class DueRow:
     ref_id: str
     oa_id: str
+    # Never polled and due for less than the batch-fill wait: may wait for a fuller batch.
+    may_wait: bool = False
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,9 @@ _INFLIGHT = text(
 
 _CLAIM_DUE = text(
     """
-    SELECT ref_id, oa_id FROM messages
+    SELECT ref_id, oa_id,
+           poll_count = 0 AND next_poll_at > now() - make_interval(secs => :fill) AS may_wait
+    FROM messages
     WHERE state = 'pending' AND account = :account AND next_poll_at <= now() AND oa_id <> ''
       AND NOT (oa_id = ANY(:skip_oas))
     ORDER BY next_poll_at
@@ -113,7 +117,9 @@ _CLAIM_DUE = text(
 
 _CLAIM_DUE_FOR_OA = text(
     """
-    SELECT ref_id, oa_id FROM messages
+    SELECT ref_id, oa_id,
+           poll_count = 0 AND next_poll_at > now() - make_interval(secs => :fill) AS may_wait
+    FROM messages
     WHERE state = 'pending' AND account = :account AND oa_id = :oa_id AND next_poll_at <= now()
       AND ref_id NOT IN (SELECT jsonb_array_elements_text(CAST(:exclude AS jsonb)))
     ORDER BY next_poll_at
@@ -199,25 +205,35 @@ def inflight_batches(conn: Connection) -> dict[str, int]:
 
 
 def claim_due(
-    conn: Connection, account: str, limit: int, skip_oas: Sequence[str] = ()
+    conn: Connection,
+    account: str,
+    limit: int,
+    skip_oas: Sequence[str] = (),
+    fill_seconds: float = 0,
 ) -> list[DueRow]:
     """Lock up to `limit` due rows of one account, oldest due first, skipping rows others hold
-    and rows of the OAs in `skip_oas`."""
-    rows = conn.execute(
-        _CLAIM_DUE, {"account": account, "limit": limit, "skip_oas": list(skip_oas)}
-    )
-    return [DueRow(ref_id, oa_id) for ref_id, oa_id in rows]
+    and rows of the OAs in `skip_oas`. `fill_seconds` is the batch-fill wait (`may_wait`)."""
+    params = {"account": account, "limit": limit, "skip_oas": list(skip_oas), "fill": fill_seconds}
+    return [DueRow(*row) for row in conn.execute(_CLAIM_DUE, params)]
 
 
 def claim_due_for_oa(
-    conn: Connection, account: str, oa_id: str, limit: int, exclude: Sequence[str]
+    conn: Connection,
+    account: str,
+    oa_id: str,
+    limit: int,
+    exclude: Sequence[str],
+    fill_seconds: float = 0,
 ) -> list[DueRow]:
     """Lock up to `limit` more due rows of one account and OA, besides those in `exclude`."""
-    rows = conn.execute(
-        _CLAIM_DUE_FOR_OA,
-        {"account": account, "oa_id": oa_id, "limit": limit, "exclude": json.dumps(list(exclude))},
-    )
-    return [DueRow(ref_id, oa_id) for ref_id, oa_id in rows]
+    params = {
+        "account": account,
+        "oa_id": oa_id,
+        "limit": limit,
+        "exclude": json.dumps(list(exclude)),
+        "fill": fill_seconds,
+    }
+    return [DueRow(*row) for row in conn.execute(_CLAIM_DUE_FOR_OA, params)]
 
 
 def lease_batches(

@@ -27,6 +27,13 @@ def insert(engine, rows, *, due_now=True):
             conn.execute(text("UPDATE messages SET next_poll_at = now() - interval '1 second'"))
 
 
+def make_due(engine, ref_ids):
+    with engine.begin() as conn:
+        conn.execute(
+            text("UPDATE messages SET next_poll_at = now() WHERE ref_id = ANY(:r)"), {"r": ref_ids}
+        )
+
+
 def fetch(engine, ref_id):
     with engine.begin() as conn:
         return (
@@ -280,6 +287,49 @@ def test_two_accounts_alternate_in_the_queue(engine, make_settings):
     # Pool processes take tasks in this order and wait in them for their account's rate slot.
     assert sorted(set(order)) == ["default", "shopb"]
     assert all(first != second for first, second in pairwise(order))
+
+
+def test_short_batch_of_first_polls_waits_to_fill(engine, make_settings):
+    settings = make_settings(esms_batch_size=10, poll_batch_fill_seconds=30)
+    insert(engine, [{"ref_id": f"w{i}", "oa_id": "few"} for i in range(4)])
+    insert(engine, [{"ref_id": f"m{i}", "oa_id": "many"} for i in range(25)])
+    report = scheduler.schedule_tick(engine, settings, lambda batches: None)
+    # Full batches go at once; the short ones (4 of "few", 5 of "many") wait for more rows.
+    assert sorted((b.oa_id, len(b.ref_ids)) for b in report.batches) == [("many", 10)] * 2
+    with engine.begin() as conn:
+        assert (
+            conn.execute(text("SELECT count(*) FROM messages WHERE lease_id IS NULL")).scalar() == 9
+        )
+    # Six more messages of "few" fall due: together they fill a batch.
+    insert(engine, [{"ref_id": f"w{i}", "oa_id": "few"} for i in range(4, 10)], due_now=False)
+    make_due(engine, [f"w{i}" for i in range(4, 10)])
+    report = scheduler.schedule_tick(engine, settings, lambda batches: None)
+    assert [(b.oa_id, len(b.ref_ids)) for b in report.batches] == [("few", 10)]
+    # Waited out: the short batch goes as it is.
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "UPDATE messages SET next_poll_at = now() - interval '31 seconds' "
+                "WHERE lease_id IS NULL"
+            )
+        )
+    report = scheduler.schedule_tick(engine, settings, lambda batches: None)
+    assert [(b.oa_id, len(b.ref_ids)) for b in report.batches] == [("many", 5)]
+
+
+def test_rows_polled_before_never_wait_to_fill(engine, make_settings):
+    settings = make_settings(esms_batch_size=10, poll_batch_fill_seconds=30)
+    insert(engine, [{"ref_id": f"p{i}", "oa_id": "oa"} for i in range(3)])
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE messages SET poll_count = 1 WHERE ref_id = 'p0'"))
+    report = scheduler.schedule_tick(engine, settings, lambda batches: None)
+    # One row on its backoff makes the whole short batch go: its gap between polls must not grow.
+    assert [sorted(b.ref_ids) for b in report.batches] == [["p0", "p1", "p2"]]
+    # Off (the default): whatever is due goes at each tick.
+    insert(engine, [{"ref_id": "alone", "oa_id": "oa"}], due_now=False)
+    make_due(engine, ["alone"])
+    report = scheduler.schedule_tick(engine, make_settings(esms_batch_size=10), lambda b: None)
+    assert [b.ref_ids for b in report.batches] == [("alone",)]
 
 
 def test_claim_cut_across_oas_still_sends_full_batches(engine, make_settings):

@@ -10,7 +10,12 @@ from hypothesis import given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from worker.scheduler import batches_wanted, group_into_batches, interleave_accounts
+from worker.scheduler import (
+    batches_wanted,
+    group_into_batches,
+    hold_partial_batches,
+    interleave_accounts,
+)
 from worker.settings import Settings
 from worker.store import Batch, DueRow
 
@@ -227,3 +232,29 @@ def test_interleave_keeps_every_batch_and_each_accounts_order(sizes):
         if merged[index].account == merged[index - 1].account:
             rest = {b.account for b in merged[index:]}
             assert rest == {merged[index].account}
+
+
+# --- hold_partial_batches -------------------------------------------------------------------------
+
+
+def test_hold_keeps_full_batches_and_short_ones_with_a_row_that_may_not_wait():
+    rows = [DueRow("a0", "A", True), DueRow("a1", "A", True), DueRow("b0", "B", True)]
+    rows += [DueRow("b1", "B", False), DueRow("c0", "C", True), DueRow("c1", "C", True)]
+    batches = group_into_batches("shop", rows, 2, 10)
+    batches += group_into_batches("shop", [DueRow("d0", "D", True)], 2, 10)
+    kept = hold_partial_batches(batches, rows + [DueRow("d0", "D", True)], 2)
+    # A, B and C are full; D is short and all its rows may wait.
+    assert [b.oa_id for b in kept] == ["A", "B", "C"]
+    short = group_into_batches("shop", [DueRow("e0", "E", False)], 2, 10)
+    assert hold_partial_batches(short, [DueRow("e0", "E", False)], 2) == short
+
+
+@given(st.lists(st.tuples(st.sampled_from("ABC"), st.booleans()), max_size=30))
+def test_hold_only_drops_short_batches_whose_rows_all_may_wait(spec):
+    rows = [DueRow(f"r{i}", oa, may_wait) for i, (oa, may_wait) in enumerate(spec)]
+    batches = group_into_batches("shop", rows, 4, 100)
+    kept = hold_partial_batches(batches, rows, 4)
+    waiting = {row.ref_id for row in rows if row.may_wait}
+    for batch in batches:
+        held = len(batch.ref_ids) < 4 and set(batch.ref_ids) <= waiting
+        assert (batch not in kept) == held
