@@ -4,7 +4,8 @@ Everything a reader needs to know about how tasks run is in this file. The bare
 `celery -A worker worker` reaches full throughput: a prefork pool of WORKER_CONCURRENCY processes
 keeps enough requests in flight for the rate budget. The signal handlers at the end give worker
 and beat the LOG_FORMAT (worker.logging_setup) and the worker its metrics endpoint
-(worker.metrics). `RedisTransport` is kombu's Redis transport with one crash on a lost broker
+(worker.metrics), and a watchdog that ends a warm shutdown Celery's pool would hang in
+(worker.shutdown). `RedisTransport` is kombu's Redis transport with one crash on a lost broker
 connection repaired.
 """
 
@@ -20,12 +21,13 @@ from celery.signals import (
     worker_process_shutdown,
     worker_ready,
     worker_shutdown,
+    worker_shutting_down,
 )
 from celery.utils.log import get_multiprocessing_logger
 from kombu import Queue
 from kombu.transport import redis as kombu_redis
 
-from worker import logging_setup, metrics
+from worker import logging_setup, metrics, shutdown
 from worker.settings import get_settings
 
 settings = get_settings()
@@ -144,6 +146,13 @@ def _metrics_endpoint(**_kwargs) -> None:
 @worker_process_shutdown.connect
 def _metrics_process_exit(pid: int, **_kwargs) -> None:
     metrics.process_exited(pid)
+
+
+@worker_shutting_down.connect
+def _shutdown_watchdog(how: str, exitcode: int | None = None, **_kwargs) -> None:
+    # Main process, as a warm shutdown begins: see worker.shutdown.
+    if how == "Warm":
+        shutdown.start(settings.lease_min_remaining_seconds, exitcode or 0, metrics.cleanup)
 
 
 @worker_shutdown.connect
