@@ -35,6 +35,11 @@ class ProviderRejected(ProviderError):
     """A documented non-success `Code` that retrying later may fix (99, 105, unknown codes)."""
 
 
+class RefIdsNotFound(ProviderRejected):
+    """Code 105, "SMSID not found": the answer covers the whole request, though one RefId the
+    provider cannot find yet (new messages cannot be queried at once) may be the only cause."""
+
+
 class AccountRejected(ProviderError):
     """The provider refuses the account itself (101 keys, 140 IP, 143 locked): cool off."""
 

@@ -22,6 +22,7 @@ from worker.errors import (
     ProviderRejected,
     ProviderUnavailable,
     RateLimited,
+    RefIdsNotFound,
 )
 from worker.records import CallbackRecord, parse_callback_items
 from worker.settings import Account
@@ -29,6 +30,7 @@ from worker.settings import Account
 GET_CALLBACK_PATH = "/ZaloCallback/GetCallback"
 CODE_SUCCESS = 100
 CODE_TPS_EXCEEDED = 160
+CODE_SMSID_NOT_FOUND = 105
 ACCOUNT_CODES = {101: "wrong ApiKey/SecretKey", 140: "IP not whitelisted", 143: "account locked"}
 OA_CODES = {204: "OAId does not exist", 799: "OAId inactive or not on the account"}
 _BODY_SAMPLE = 120
@@ -145,4 +147,6 @@ def _error_for_code(code: int, payload: dict) -> Exception:
         return AccountRejected(f"{detail}: {ACCOUNT_CODES[code]}", code=code)
     if code in OA_CODES:
         return OARejected(f"{detail}: {OA_CODES[code]}", code=code)
+    if code == CODE_SMSID_NOT_FOUND:
+        return RefIdsNotFound(detail, code=code)
     return ProviderRejected(detail, code=code)

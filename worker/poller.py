@@ -5,7 +5,9 @@ GetCallback with no transaction open, and writes the answer in one transaction. 
 changes no message's data: the batch's rows are released to be due again after a short delay, and
 one log line names the account, OAId, batch size and reason (never a key). Code 160 also pushes
 the account's budget back, so every worker slows down together. A batch whose account or OA
-cools off after a refusal (see `worker.cooloff`) is released unsent until the cool-off ends.
+cools off after a refusal (see `worker.cooloff`) is released unsent until the cool-off ends. A
+batch answered Code 105 ("SMSID not found") is split in halves, so that one RefId the provider
+cannot find does not hold back the others.
 """
 
 from __future__ import annotations
@@ -14,13 +16,14 @@ import enum
 import logging
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import Engine
 
 from worker import metrics, store
 from worker.cooloff import CoolOffs, account_scope, oa_scope
-from worker.errors import AccountRejected, OARejected, ProviderError, RateLimited
+from worker.errors import AccountRejected, OARejected, ProviderError, RateLimited, RefIdsNotFound
 from worker.esms_client import EsmsClient
 from worker.ratelimit import RateLimiter
 from worker.settings import MAX_LIMITER_WAIT_SECONDS, Settings
@@ -57,7 +60,10 @@ def poll_batch(
     client: EsmsClient,
     limiter: RateLimiter,
     cooloffs: CoolOffs,
+    enqueue: Callable[[Sequence[store.Batch]], None] | None = None,
 ) -> PollResult:
+    """Poll one leased batch. `enqueue` queues batches this poll makes (the halves of a batch
+    the provider answered Code 105); without it such a batch is released instead."""
     with engine.begin() as conn:
         batch = store.load_batch(conn, batch_id, settings.lease_min_remaining_seconds)
     if batch is None:
@@ -126,15 +132,20 @@ def poll_batch(
             delay = cooloffs.pause(oa_scope(batch.account, batch.oa_id), exc.reason)
         else:
             delay = settings.poll_interval_seconds
-        _release(engine, batch, delay)
+        then = ""
+        if isinstance(exc, RefIdsNotFound):
+            then = _not_found(engine, batch, settings, enqueue)
+        if not then:
+            _release(engine, batch, delay)
         metrics.BATCHES.labels(Outcome.FAILED).inc()
         log.warning(
-            "account=%s oa=%s size=%d duration=%.3fs: request failed: %s",
+            "account=%s oa=%s size=%d duration=%.3fs: request failed: %s%s",
             batch.account,
             batch.oa_id,
             size,
             elapsed,
             exc.reason,
+            then,
             extra=_fields(batch, size, elapsed, reason=exc.reason),
         )
         return PollResult(Outcome.FAILED, size, reason=exc.reason)
@@ -163,6 +174,32 @@ def poll_batch(
         extra=_fields(batch, size, elapsed, items=len(records), changed=changed),
     )
     return PollResult(Outcome.DONE, size, len(records), changed)
+
+
+def _not_found(
+    engine: Engine,
+    batch: store.Batch,
+    settings: Settings,
+    enqueue: Callable[[Sequence[store.Batch]], None] | None,
+) -> str:
+    """Code 105 ("SMSID not found") answers for the whole request, though one RefId the
+    provider cannot find yet may be its only cause. Split the batch in two and queue the halves,
+    so the RefIds it can find are not held back by the one it cannot; a single RefId counts as
+    polled without data and backs off like any other. Returns what was done, for the log line,
+    or "" when the batch is to be released as after any failure."""
+    if len(batch.ref_ids) == 1:
+        with engine.begin() as conn:
+            store.complete_batch(conn, batch, [], settings)
+        return "; polled again after its backoff"
+    if enqueue is None:
+        return ""
+    with engine.begin() as conn:
+        halves = store.split_batch(conn, batch, settings.lease_seconds)
+    if not halves:
+        return ""
+    enqueue(halves)
+    first, second = (len(half.ref_ids) for half in halves)
+    return f"; split into batches of {first} and {second} RefIds"
 
 
 def _fields(batch: store.Batch, size: int, duration: float | None = None, **more) -> dict:

@@ -236,12 +236,9 @@ def claim_due_for_oa(
     return [DueRow(*row) for row in conn.execute(_CLAIM_DUE_FOR_OA, params)]
 
 
-def lease_batches(
+def _insert_batches(
     conn: Connection, account: str, batches: Sequence[Batch], lease_seconds: float
 ) -> None:
-    """Record the batches and point their rows at them until the lease runs out."""
-    if not batches:
-        return
     conn.execute(
         _INSERT_BATCHES,
         {
@@ -254,6 +251,15 @@ def lease_batches(
             "ref_ids": ["\x1f".join(batch.ref_ids) for batch in batches],
         },
     )
+
+
+def lease_batches(
+    conn: Connection, account: str, batches: Sequence[Batch], lease_seconds: float
+) -> None:
+    """Record the batches and point their rows at them until the lease runs out."""
+    if not batches:
+        return
+    _insert_batches(conn, account, batches, lease_seconds)
     conn.execute(
         _LEASE_ROWS,
         {
@@ -344,6 +350,39 @@ def complete_batch(
     )
     conn.execute(_DELETE_BATCH, {"id": batch.id})
     return changed
+
+
+_TAKE_BATCH = text(
+    "DELETE FROM poll_batches WHERE id = :id AND lease_expires_at > now() RETURNING id"
+)
+
+_MOVE_ROWS_TO_BATCHES = text(
+    """
+    UPDATE messages AS m
+    SET lease_id = v.batch_id, next_poll_at = now() + make_interval(secs => :lease)
+    FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS v(ref_id text, batch_id uuid)
+    WHERE m.ref_id = v.ref_id AND m.lease_id = :old_id
+    """
+)
+
+
+def split_batch(conn: Connection, batch: Batch, lease_seconds: float) -> list[Batch]:
+    """Replace a leased batch by its two halves, each with a new lease; [] if its lease is gone
+    (its rows may belong to another request by now, so they are not touched)."""
+    if conn.execute(_TAKE_BATCH, {"id": batch.id}).first() is None:
+        return []
+    middle = len(batch.ref_ids) // 2
+    halves = [
+        Batch(uuid.uuid4(), batch.account, batch.oa_id, part)
+        for part in (batch.ref_ids[:middle], batch.ref_ids[middle:])
+    ]
+    _insert_batches(conn, batch.account, halves, lease_seconds)
+    rows = [{"ref_id": ref, "batch_id": str(half.id)} for half in halves for ref in half.ref_ids]
+    conn.execute(
+        _MOVE_ROWS_TO_BATCHES,
+        {"rows": json.dumps(rows), "lease": lease_seconds, "old_id": batch.id},
+    )
+    return halves
 
 
 def release_batch(conn: Connection, batch: Batch, delay_seconds: float) -> None:

@@ -58,5 +58,6 @@ def poll_batch(batch_id: str, account: str, oa_id: str, size: int) -> dict:
         client=runtime.esms_client(),
         limiter=runtime.rate_limiter(),
         cooloffs=runtime.cooloffs(),
+        enqueue=_enqueue,
     )
     return {"outcome": result.outcome.value, "size": result.size, "changed": result.changed}

@@ -195,3 +195,70 @@ def test_stale_batch_sends_nothing(engine, make_settings, emulator):
     with engine.begin() as conn:
         assert conn.execute(text("SELECT count(*) FROM poll_batches")).scalar() == 0
         assert [row.ref_id for row in store.claim_due(conn, "default", 10)] == ["e1"]
+
+
+def test_code_105_splits_until_the_refid_not_found_is_alone(engine, make_settings, emulator):
+    """A provider that answers Code 105 to a whole request for one RefId it cannot find: the
+    other RefIds still get their data, the one not found backs off, and the search costs one
+    request per halving, not one per RefId."""
+    settings = make_settings(esms_base_url=emulator.url)
+    emulator.admin("POST", "/reset")
+    known = [f"k{i}" for i in range(7)]
+    emulator.admin(
+        "POST", "/messages", json={"messages": [{"ref_id": r, "oa_id": "oa"} for r in known]}
+    )
+    quiet = {name: 0 for name in (*FAULTS, "fault_code_rate", "fault_stale_rate")}
+    emulator.admin(
+        "POST", "/config", json={**quiet, "auto_register": False, "not_found_code": True}
+    )
+    client = EsmsClient(settings.esms_base_url, 2)
+    limiter = RateLimiter(redis.Redis.from_url(settings.redis_url.get_secret_value()), 19)
+    cooloffs = CoolOffs(redis.Redis.from_url(settings.redis_url.get_secret_value()))
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                text("INSERT INTO messages (ref_id, oa_id, next_poll_at) VALUES (:r, 'oa', now())"),
+                [{"r": ref} for ref in [*known[:5], "unknown", *known[5:]]],
+            )
+            (batch,) = scheduler.group_into_batches(
+                "default", store.claim_due(conn, "default", 10), 200, 1
+            )
+            store.lease_batches(conn, "default", [batch], settings.lease_seconds)
+        queue = [batch]
+        outcomes = []
+        while queue:
+            outcomes.append(
+                poller.poll_batch(
+                    queue.pop(0).id, settings=settings, engine=engine, client=client,
+                    limiter=limiter, cooloffs=cooloffs, enqueue=queue.extend,
+                ).outcome
+            )  # fmt: skip
+    finally:
+        emulator.admin("POST", "/config", json={"auto_register": True, "not_found_code": False})
+        client.close()
+    requests = emulator.admin("GET", "/requests")["requests"]
+    # 8 RefIds: the whole batch, then 4+4, 2+2, 1+1; each 105 answer halves the search.
+    assert [len(entry["refids"]) for entry in requests] == [8, 4, 4, 2, 2, 1, 1]
+    assert [entry["code"] for entry in requests].count(105) == 4
+    assert outcomes.count(poller.Outcome.DONE) == 3
+    rows = snapshot(engine)
+    truth = emulator.admin("GET", "/truth")["messages"]
+    assert {ref: rows[ref]["state"] for ref in known} == {
+        ref: truth[ref]["final_state"] for ref in known
+    }
+    lone = rows["unknown"]
+    assert (lone["state"], lone["poll_count"], lone["lease_id"]) == ("pending", 1, None)
+    assert (lone["next_poll_at"] - lone["last_polled_at"]).total_seconds() == pytest.approx(30, 1)
+    with engine.begin() as conn:
+        assert conn.execute(text("SELECT count(*) FROM poll_batches")).scalar() == 0
+
+
+def test_code_105_without_a_queue_releases_the_batch(poll, engine, emulator):
+    emulator.admin("POST", "/config", json={"auto_register": False, "not_found_code": True})
+    try:
+        result = poll(["n1", "n2"])
+    finally:
+        emulator.admin("POST", "/config", json={"auto_register": True, "not_found_code": False})
+    assert result.outcome is poller.Outcome.FAILED and "Code 105" in result.reason
+    rows = snapshot(engine)
+    assert all(row["lease_id"] is None and row["poll_count"] == 0 for row in rows.values())

@@ -247,6 +247,25 @@ def test_without_auto_register_unknown_refids_are_omitted(make_client: Any) -> N
     assert log_entries(client)[-1]["refids"] == ["unknown", "known"]
 
 
+def test_not_found_code_answers_105_for_unknown_or_not_yet_visible(
+    make_client: Any, clock: FakeClock
+) -> None:
+    client = make_client(auto_register=False, not_found_code=True, visible_after_s=2.0)
+    register(client, ["known"])
+    clock.advance(3.0)
+    register(client, ["young"])
+    assert poll(client, ["known"]).json()["Code"] == 100
+    # One RefId it cannot find spoils the whole request, as a strict provider may do.
+    assert poll(client, ["known", "unknown"]).json() == {"Code": 105, "Message": "SMSID not found"}
+    assert poll(client, ["known", "young"]).json()["Code"] == 105
+    clock.advance(2.5)
+    assert [item["SMSID"] for item in poll(client, ["known", "young"]).json()["Data_callback"]] == [
+        "known",
+        "young",
+    ]
+    assert log_entries(client)[1]["fault_detail"] == "not found: 1"
+
+
 # --- the rate limit ----------------------------------------------------------------------------
 
 

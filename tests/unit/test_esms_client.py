@@ -20,6 +20,7 @@ from worker.errors import (
     ProviderRejected,
     ProviderUnavailable,
     RateLimited,
+    RefIdsNotFound,
 )
 from worker.esms_client import EsmsClient, parse_get_callback_response
 from worker.records import CallbackRecord
@@ -396,7 +397,8 @@ def test_transport_failures_are_unavailable(make_client, name):
         (200, {"Code": 140, "Message": "IP not allowed"}, AccountRejected),
         (200, {"Code": 799, "Message": "OA inactive"}, OARejected),
         (200, {"Code": 160, "Message": "TPS limit exceeded"}, RateLimited),
-        (200, {"Code": 105, "Message": "SMSID not found"}, ProviderRejected),
+        (200, {"Code": 105, "Message": "SMSID not found"}, RefIdsNotFound),
+        (200, {"Code": "105"}, RefIdsNotFound),
         (200, [], MalformedResponse),
         (429, {}, RateLimited),
         (502, {}, ProviderUnavailable),

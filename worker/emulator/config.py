@@ -82,6 +82,11 @@ class EmulatorConfig:
     fault_duplicate_rate: float = _knob(0.0, "per item: add an older-status twin of the item")
     fault_code_rate: float = _knob(0.0, "fraction of requests answered with a non-100 Code")
     fault_codes: tuple[int, ...] = _knob((99, 105, 160), "Codes used by fault_code_rate")
+    not_found_code: bool = _knob(
+        False,
+        "answer Code 105 (SMSID not found) to the whole request when it names a RefId that is "
+        "unknown or has no data yet, instead of leaving that RefId out",
+    )
     push_rate: float = _knob(0.0, "fraction of messages whose status changes go to --push-url")
     push_timeout_s: float = _knob(5.0, "a push unanswered this long is sent again (5 times)")
 

@@ -98,7 +98,10 @@ class Provider:
         if oa_code is not None:
             return self._send_code(entry, oa_code)
 
-        shown = self._read(request, entry, t)
+        shown, not_found = self._read(request, entry, t)
+        if not_found and config.not_found_code:
+            entry.fault_detail = f"not found: {not_found}"
+            return self._send_code(entry, 105)
         fault = entry.fault = faults.pick_request_fault(self._rng, config)
         if fault == "5xx":
             return self._send_mangled(entry, faults.server_error(self._rng))
@@ -125,13 +128,15 @@ class Provider:
 
     def _read(
         self, request: _Request, entry: LogEntry, t: float
-    ) -> list[tuple[Message, dict[str, Any]]]:
-        """Visible (message, item) pairs for the RefIds read, registering new ones if enabled."""
+    ) -> tuple[list[tuple[Message, dict[str, Any]]], int]:
+        """Visible (message, item) pairs for the RefIds read, registering new ones if enabled,
+        and how many of the RefIds read are unknown or have no data yet."""
         config = self.config
         knobs = config.truth_knobs() if config.auto_register else None
         read: list[str] = []
         shown: list[tuple[Message, dict[str, Any]]] = []
         seen: set[str] = set()
+        not_found = 0
         for ref_id in request.refids[: config.max_refids]:
             message = self.registry.get(ref_id)
             if message is None and knobs is not None:
@@ -139,6 +144,7 @@ class Provider:
                 message = self.registry.get(ref_id)
             if message is None:
                 read.append(ref_id)
+                not_found += 1
                 continue
             read.append(message.ref_id)  # the registry's string: the log then costs a pointer
             if ref_id in seen or not _owned_by(message, request):
@@ -147,9 +153,11 @@ class Provider:
             item = item_at(message, t)
             if item is not None:
                 shown.append((message, item))
+            elif t < message.visible_at:
+                not_found += 1
         entry.refids = read
         entry.n_read = len(read)
-        return shown
+        return shown, not_found
 
     def _oa_code(self, account: Account, oa_id: str) -> int | None:
         if not oa_id:
