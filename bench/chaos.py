@@ -14,7 +14,7 @@ starts it again. Then it waits until no message is pending and checks:
 - the request log: the most requests per ApiKey in any one-second window (the provider allows 20),
   how many requests came above that, and RefIds in two requests in flight at once.
 
-    .venv/bin/python bench/chaos.py                  # 3,000 messages, about two minutes
+    .venv/bin/python bench/chaos.py                  # 3,000 messages, about a minute
     .venv/bin/python bench/chaos.py --messages 10000
 
 It prints the figures and writes them as JSON to bench/results/. Only loopback is used.
