@@ -19,6 +19,8 @@ from urllib.parse import quote
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from sqlalchemy import text
 
 from tests.conftest import TEST_API_KEY, TEST_SECRET_KEY
@@ -444,3 +446,63 @@ def test_pushes_resolve_most_messages_and_polls_reconcile_the_rest(
     assert len(read) <= 2 * (count - len(pushed)), "the poller read about what the push missed"
     assert len(log) * 20 <= count, f"{len(log)} GetCallback requests for {count} RefIds"
     assert receiver.stats()["changed"] >= len(pushed)
+
+
+# --- whatever a caller sends, never a 500 ---------------------------------------------------------
+
+_FIELD_NAMES = [
+    "SMSID", "smsid", "SendStatus", "sendstatus", "SendSuccess", "SendFailed", "TotalPrice",
+    "TotalReceiver", "TotalSent", "RequestId", "TypeId", "telcoid", "phonenumber", "partnerids",
+    "error_info", "oaid", "tempid", "CallbackUrl", "x",
+]  # fmt: skip
+# Values that reach every parser: huge and non-finite numbers, NUL bytes, lone surrogates as
+# percent-encoded UTF-8 errors, very long text, JSON fragments, empty strings.
+_ODD_VALUES = st.one_of(
+    st.text(max_size=40),
+    st.sampled_from(
+        ["", "5", "5.0", "-0", "1e999999999", "NaN", "Infinity", "99999999999999999999",
+         "0x10", " 5 ", "\x00", "null", "{", '{"error":-124}', "%", "%ZZ", "%00", "%C3%28",
+         "a" * 70_000]
+    ),
+    st.integers().map(str),
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+)  # fmt: skip
+_QUERY = st.lists(st.tuples(st.sampled_from(_FIELD_NAMES), _ODD_VALUES), max_size=8)
+
+
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    method=st.sampled_from(["GET", "POST", "PUT", "HEAD", "DELETE"]),
+    query=_QUERY,
+    body_kind=st.sampled_from(["none", "json", "form", "raw"]),
+    raw=st.binary(max_size=200),
+    known=st.booleans(),
+)
+def test_nothing_a_caller_sends_raises_a_500(
+    engine, receiver, method, query, body_kind, raw, known
+):
+    ref_id = "fuzz-known"
+    if known:
+        query = [("SMSID", ref_id), *query]
+        with engine.begin() as conn:
+            conn.execute(
+                text("INSERT INTO messages (ref_id, oa_id) VALUES (:r, :o) ON CONFLICT DO NOTHING"),
+                {"r": ref_id, "o": OA},
+            )
+    path_query = "&".join(f"{quote(k)}={quote(v, safe='%')}" for k, v in query)
+    url = f"{receiver.push_url()}?{path_query}"
+    fields = dict(query)
+    kwargs: dict = {}
+    if body_kind == "json":
+        kwargs["json"] = fields
+    elif body_kind == "form":
+        kwargs["data"] = fields
+    elif body_kind == "raw":
+        kwargs["content"] = raw
+        kwargs["headers"] = {"content-type": "application/json"}
+    response = httpx.request(method, url, timeout=30, **kwargs)
+    assert response.status_code in {200, 400, 404, 405, 413}, (response.status_code, response.text)
