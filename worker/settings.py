@@ -9,6 +9,7 @@ builds a request body.
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal
@@ -167,12 +168,17 @@ class Settings(BaseSettings):
 
     @property
     def sqlalchemy_url(self) -> str:
-        return self.database_url.get_secret_value()
+        """DATABASE_URL for SQLAlchemy with psycopg 3, the driver this package installs: the
+        common spellings `postgres://`, `postgresql://` and `postgresql+psycopg2://` mean it too."""
+        return _POSTGRES_SCHEME.sub("postgresql+psycopg://", self.database_url.get_secret_value())
 
     @property
     def libpq_url(self) -> str:
         """The database URL in the form psycopg itself accepts (without the SQLAlchemy driver)."""
         return self.sqlalchemy_url.replace("postgresql+psycopg://", "postgresql://", 1)
+
+
+_POSTGRES_SCHEME = re.compile(r"^postgres(?:ql)?(?:\+psycopg2?)?://")
 
 
 @lru_cache(maxsize=1)

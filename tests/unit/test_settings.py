@@ -312,3 +312,18 @@ def test_lease_must_cover_wait_request_and_write():
     with pytest.raises(ValueError, match="LEASE_SECONDS"):
         Settings(_env_file=None, lease_seconds=20, esms_timeout_seconds=10)
     Settings(_env_file=None, lease_seconds=20, esms_timeout_seconds=2)
+
+
+@pytest.mark.parametrize(
+    "given",
+    [
+        "postgresql+psycopg://u:p@db:5432/esms",
+        "postgresql://u:p@db:5432/esms",
+        "postgres://u:p@db:5432/esms",
+        "postgresql+psycopg2://u:p@db:5432/esms",
+    ],
+)
+def test_database_url_spellings_all_mean_psycopg3(given):
+    settings = Settings(_env_file=None, database_url=given)
+    assert settings.sqlalchemy_url == "postgresql+psycopg://u:p@db:5432/esms"
+    assert settings.libpq_url == "postgresql://u:p@db:5432/esms"
