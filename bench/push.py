@@ -41,11 +41,12 @@ import psycopg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchdb import drop_database, fresh_database  # noqa: E402
+
 from tests.integration.test_e2e import COMPARED, expected_row  # noqa: E402
 from tests.integration.test_receiver import start_receiver  # noqa: E402
 from tests.processes import Children, celery, child_env, free_port, start_emulator  # noqa: E402
 
-PG_SERVER = os.environ.get("BENCH_PG_SERVER", "postgresql://postgres@127.0.0.1:5432")
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/11")
 DATABASE = "esms_bench_push"
 TOKEN = "bench-push-token-" + uuid.uuid4().hex[:16]
@@ -113,26 +114,6 @@ end
 """
 
 
-def fresh_database() -> str:
-    with psycopg.connect(f"{PG_SERVER}/postgres", autocommit=True) as admin:
-        admin.execute(f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)")
-        admin.execute(f"CREATE DATABASE {DATABASE}")
-    url = f"{PG_SERVER}/{DATABASE}".replace("postgresql://", "postgresql+psycopg://", 1)
-    subprocess.run(
-        [str(Path(sys.executable).parent / "alembic"), "upgrade", "head"],
-        cwd=ROOT,
-        env=child_env(DATABASE_URL=url),
-        check=True,
-        capture_output=True,
-    )
-    return url
-
-
-def drop_database() -> None:
-    with psycopg.connect(f"{PG_SERVER}/postgres", autocommit=True) as admin:
-        admin.execute(f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)")
-
-
 def libpq(url: str) -> str:
     return url.replace("postgresql+psycopg://", "postgresql://", 1)
 
@@ -178,7 +159,7 @@ _PENDING = 80_000
 def run_latency(rate: int, seconds: int, connections: int) -> dict:
     if shutil.which("wrk") is None:
         sys.exit("wrk is not installed: sudo apt-get install wrk")
-    url = fresh_database()
+    url = fresh_database(DATABASE)
     with psycopg.connect(libpq(url), autocommit=True) as conn:
         conn.execute(
             """
@@ -217,7 +198,7 @@ def run_latency(rate: int, seconds: int, connections: int) -> dict:
             log = receiver.child.log()
         finally:
             children.stop_all()
-    drop_database()
+    drop_database(DATABASE)
     return {
         "receiver_processes": processes,
         "target_rate": rate,
@@ -278,7 +259,7 @@ def run_campaign(
     import redis
 
     redis.Redis.from_url(REDIS_URL).flushdb()
-    url = fresh_database()
+    url = fresh_database(DATABASE)
     push_url = f"http://127.0.0.1:{push_port}/esms/callback/{TOKEN}"
     ref_ids = [f"{uuid.UUID(int=i * 7919 + 17).hex}{i % 100:02d}" for i in range(messages)]
     oa_ids = [f"10902579731183251{n:02d}" for n in range(oas)]
@@ -373,7 +354,7 @@ def run_campaign(
                 )
         finally:
             children.stop_all()
-    drop_database()
+    drop_database(DATABASE)
 
     wrong = 0
     for ref_id in ref_ids:

@@ -31,10 +31,11 @@ import psycopg
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchdb import PG_SERVER, drop_database, fresh_database  # noqa: E402
+
 from tests.integration.test_ratelimit import max_in_window  # noqa: E402
 from tests.processes import Children, celery, child_env, start_emulator, wait_for  # noqa: E402
 
-PG_SERVER = os.environ.get("BENCH_PG_SERVER", "postgresql://postgres@127.0.0.1:5432")
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/11")
 DATABASE = "esms_bench"
 RATE_LIMIT = 20
@@ -43,19 +44,7 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def prepare_database(final_rows: int, backlog: int, accounts: list[str]) -> str:
-    with psycopg.connect(f"{PG_SERVER}/postgres", autocommit=True) as admin:
-        admin.execute(f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)")
-        admin.execute(f"CREATE DATABASE {DATABASE}")
-    url = f"{PG_SERVER}/{DATABASE}".replace("postgresql://", "postgresql+psycopg://", 1)
-    import subprocess
-
-    subprocess.run(
-        [str(Path(sys.executable).parent / "alembic"), "upgrade", "head"],
-        cwd=ROOT,
-        env=child_env(DATABASE_URL=url),
-        check=True,
-        capture_output=True,
-    )
+    url = fresh_database(DATABASE)
     with psycopg.connect(f"{PG_SERVER}/{DATABASE}", autocommit=True) as conn:
         conn.execute(
             """
@@ -221,8 +210,7 @@ def run(accounts_count: int, backlog: int, final_rows: int, dump_log: str | None
         "beat_cpu_s": round(usage["beat"][0], 1),
         "beat_peak_rss_mib": round(usage["beat"][1] / 1024, 1),
     }
-    with psycopg.connect(f"{PG_SERVER}/postgres", autocommit=True) as admin:
-        admin.execute(f"DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)")
+    drop_database(DATABASE)
     return result
 
 

@@ -19,7 +19,7 @@ from urllib.parse import quote
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import text
 
@@ -456,13 +456,14 @@ _FIELD_NAMES = [
     "error_info", "oaid", "tempid", "CallbackUrl", "x",
 ]  # fmt: skip
 # Values that reach every parser: huge and non-finite numbers, NUL bytes, lone surrogates as
-# percent-encoded UTF-8 errors, very long text, JSON fragments, empty strings.
+# percent-encoded UTF-8 errors, long text, JSON fragments, empty strings. (Eight long values stay
+# under httpx's own 64 KiB limit on a URL, so the request is always sent.)
 _ODD_VALUES = st.one_of(
     st.text(max_size=40),
     st.sampled_from(
         ["", "5", "5.0", "-0", "1e999999999", "NaN", "Infinity", "99999999999999999999",
          "0x10", " 5 ", "\x00", "null", "{", '{"error":-124}', "%", "%ZZ", "%00", "%C3%28",
-         "a" * 70_000]
+         "a" * 5_000]
     ),
     st.integers().map(str),
     st.floats(allow_nan=True, allow_infinity=True).map(repr),
@@ -482,6 +483,8 @@ _QUERY = st.lists(st.tuples(st.sampled_from(_FIELD_NAMES), _ODD_VALUES), max_siz
     raw=st.binary(max_size=200),
     known=st.booleans(),
 )
+# The longest request line the strategy can make: every value long (a 40 KB URL).
+@example(method="GET", query=[("SMSID", "a" * 5_000)] * 8, body_kind="none", raw=b"", known=False)
 def test_nothing_a_caller_sends_raises_a_500(
     engine, receiver, method, query, body_kind, raw, known
 ):

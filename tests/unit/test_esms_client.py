@@ -12,6 +12,7 @@ import httpx
 import pytest
 from pydantic import SecretStr
 
+from tests.samples import SAMPLE_OA_ID, SAMPLE_RECORD
 from worker.errors import (
     AccountRejected,
     MalformedResponse,
@@ -31,7 +32,7 @@ SECRET_KEY = "SECRET-Qm9vYmFyYmF6cXV4MTIzNDU2"
 ACCOUNT = Account("shop", SecretStr(API_KEY), SecretStr(SECRET_KEY))
 BASE_URL = "https://status-sms.esms.vn"
 ENDPOINT = "https://status-sms.esms.vn/ZaloCallback/GetCallback"
-OA_ID = "1090257973118325189"
+OA_ID = SAMPLE_OA_ID
 
 SAMPLE_ITEM = {
     "SMSID": "4a496110-9fd3-4838-ac8b-bcaa36616f7011",
@@ -52,23 +53,6 @@ SAMPLE_ITEM = {
     "OAId": OA_ID,
     "ZnsTempId": "228386",
 }
-SAMPLE_RECORD = CallbackRecord(
-    ref_id="4a496110-9fd3-4838-ac8b-bcaa36616f7011",
-    send_status=5,
-    send_success=0,
-    send_failed=1,
-    total_receiver=1,
-    total_sent=1,
-    type_id=25,
-    telco_id=1,
-    total_price=Decimal("0.0"),
-    phone_number="0909090909",
-    callback_url="https://api.esms.vn/zalo-zns/zns/receive-callback",
-    partner_ids="7984e9b198c40e9957d6",
-    error_info=SAMPLE_ITEM["ErrorInfo"],
-    oa_id=OA_ID,
-    zns_temp_id="228386",
-)
 
 
 def _body(payload) -> bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from hypothesis import given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
+from tests.samples import SAMPLE_ERROR_INFO, SAMPLE_RECORD
 from worker.records import (
     CallbackRecord,
     parse_callback_item,
@@ -50,29 +52,6 @@ SAMPLE_RESPONSE = r"""{
     } 
           ]
  } """  # noqa: E501, W291
-SAMPLE_ERROR_INFO = (
-    '{"error":-124,"message":"Access token is invalid"}'
-    "Object reference not set to an instance of an object."
-)
-SAMPLE_RECORD = CallbackRecord(
-    ref_id="4a496110-9fd3-4838-ac8b-bcaa36616f7011",
-    send_status=5,
-    send_success=0,
-    send_failed=1,
-    total_receiver=1,
-    total_sent=1,
-    type_id=25,
-    telco_id=1,
-    total_price=Decimal("0.0"),
-    request_id=None,
-    phone_number="0909090909",
-    callback_url="https://api.esms.vn/zalo-zns/zns/receive-callback",
-    partner_ids="7984e9b198c40e9957d6",
-    error_info=SAMPLE_ERROR_INFO,
-    oa_id="1090257973118325189",
-    zns_temp_id="228386",
-)
-
 # Provider key (as GetCallback spells it) -> record attribute.
 INT_KEYS = {
     "SendStatus": "send_status",
@@ -383,24 +362,8 @@ def test_push_style_lower_case_keys():
         "tempid": "228386",
     }
     record = parse_callback_item(params)
-    assert record == CallbackRecord(
-        ref_id="4a496110-9fd3-4838-ac8b-bcaa36616f7011",
-        send_status=5,
-        send_success=0,
-        send_failed=1,
-        total_receiver=1,
-        total_sent=1,
-        type_id=25,
-        telco_id=1,
-        total_price=Decimal("0.0"),
-        request_id="req-1",
-        phone_number="0909090909",
-        callback_url=None,
-        partner_ids="7984e9b198c40e9957d6",
-        error_info=SAMPLE_ERROR_INFO,
-        oa_id="1090257973118325189",
-        zns_temp_id="228386",
-    )
+    # The GetCallback sample's data; a push names its RequestId and carries no CallbackUrl.
+    assert record == dataclasses.replace(SAMPLE_RECORD, request_id="req-1", callback_url=None)
     assert record.error_code == -124
 
 
