@@ -144,6 +144,7 @@ _LEASE_ROWS = text(
     SET lease_id = v.batch_id, next_poll_at = now() + make_interval(secs => :lease)
     FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS v(ref_id text, batch_id uuid)
     WHERE m.ref_id = v.ref_id
+      AND (CAST(:from_batch AS uuid) IS NULL OR m.lease_id = CAST(:from_batch AS uuid))
     """
 )
 
@@ -253,6 +254,24 @@ def _insert_batches(
     )
 
 
+def _point_rows_at(
+    conn: Connection,
+    batches: Sequence[Batch],
+    lease_seconds: float,
+    from_batch: uuid.UUID | None = None,
+) -> None:
+    """Point each batch's rows at it until the lease runs out; with `from_batch`, only rows
+    that batch still holds."""
+    # JSON rather than arrays for the same reason as the merge (below).
+    rows = [
+        {"ref_id": ref, "batch_id": str(batch.id)} for batch in batches for ref in batch.ref_ids
+    ]
+    conn.execute(
+        _LEASE_ROWS,
+        {"rows": json.dumps(rows), "lease": lease_seconds, "from_batch": from_batch},
+    )
+
+
 def lease_batches(
     conn: Connection, account: str, batches: Sequence[Batch], lease_seconds: float
 ) -> None:
@@ -260,20 +279,7 @@ def lease_batches(
     if not batches:
         return
     _insert_batches(conn, account, batches, lease_seconds)
-    conn.execute(
-        _LEASE_ROWS,
-        {
-            "lease": lease_seconds,
-            # JSON rather than arrays for the same reason as the merge (below).
-            "rows": json.dumps(
-                [
-                    {"ref_id": ref_id, "batch_id": str(batch.id)}
-                    for batch in batches
-                    for ref_id in batch.ref_ids
-                ]
-            ),
-        },
-    )
+    _point_rows_at(conn, batches, lease_seconds)
 
 
 # --- one batch's life in a worker -------------------------------------------------------------
@@ -356,15 +362,6 @@ _TAKE_BATCH = text(
     "DELETE FROM poll_batches WHERE id = :id AND lease_expires_at > now() RETURNING id"
 )
 
-_MOVE_ROWS_TO_BATCHES = text(
-    """
-    UPDATE messages AS m
-    SET lease_id = v.batch_id, next_poll_at = now() + make_interval(secs => :lease)
-    FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS v(ref_id text, batch_id uuid)
-    WHERE m.ref_id = v.ref_id AND m.lease_id = :old_id
-    """
-)
-
 
 def split_batch(conn: Connection, batch: Batch, lease_seconds: float) -> list[Batch]:
     """Replace a leased batch by its two halves, each with a new lease; [] if its lease is gone
@@ -377,11 +374,7 @@ def split_batch(conn: Connection, batch: Batch, lease_seconds: float) -> list[Ba
         for part in (batch.ref_ids[:middle], batch.ref_ids[middle:])
     ]
     _insert_batches(conn, batch.account, halves, lease_seconds)
-    rows = [{"ref_id": ref, "batch_id": str(half.id)} for half in halves for ref in half.ref_ids]
-    conn.execute(
-        _MOVE_ROWS_TO_BATCHES,
-        {"rows": json.dumps(rows), "lease": lease_seconds, "old_id": batch.id},
-    )
+    _point_rows_at(conn, halves, lease_seconds, from_batch=batch.id)
     return halves
 
 
