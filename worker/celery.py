@@ -1,12 +1,12 @@
 """The Celery app and its whole runtime configuration: `celery -A worker worker|beat|flower`.
 
 Everything a reader needs to know about how tasks run is in this file. The bare
-`celery -A worker worker` reaches full throughput: a prefork pool of WORKER_CONCURRENCY processes
-keeps enough requests in flight for the rate budget. The signal handlers at the end give worker
-and beat the LOG_FORMAT (worker.logging_setup) and the worker its metrics endpoint
-(worker.metrics), and a watchdog that ends a warm shutdown Celery's pool would hang in
-(worker.shutdown). `RedisTransport` is kombu's Redis transport with one crash on a lost broker
-connection repaired.
+`celery -A worker worker` reaches full throughput: one process on Celery's gevent pool (see
+worker.green for how it gets there) runs up to WORKER_CONCURRENCY polls at once, each a greenlet
+that waits for its rate slot, the provider and Postgres without holding a process. The signal
+handlers at the end give worker and beat the LOG_FORMAT (worker.logging_setup), and the worker
+its metrics endpoint (worker.metrics).
+`RedisTransport` is kombu's Redis transport with one crash on a lost broker connection repaired.
 """
 
 from __future__ import annotations
@@ -21,13 +21,12 @@ from celery.signals import (
     worker_process_shutdown,
     worker_ready,
     worker_shutdown,
-    worker_shutting_down,
 )
 from celery.utils.log import get_multiprocessing_logger
 from kombu import Queue
 from kombu.transport import redis as kombu_redis
 
-from worker import logging_setup, metrics, shutdown
+from worker import logging_setup, metrics
 from worker.settings import get_settings
 
 settings = get_settings()
@@ -93,15 +92,15 @@ app.conf.update(
     # redelivered poll finds its lease gone and does nothing, a lost one is retaken by the lease.
     task_acks_late=True,
     task_reject_on_worker_lost=True,
-    # One task reserved per thread: the queue stays in Redis where every worker can take from it.
+    # One task reserved per greenlet: the rest of the queue stays in Redis, where every worker
+    # can take from it.
     worker_prefetch_multiplier=1,
-    # One process per in-flight request, enough of them to keep rate × (slowest response +
-    # write) requests in flight. Processes, not threads: a request must leave the moment its
-    # rate slot comes, and a thread that wakes for its slot can wait many GIL switches while
-    # other threads parse answers, which bunches requests at the provider (measured: up to
-    # 100 ms late with 24 threads, under 15 ms with one sender per process).
-    worker_pool="prefork",
-    worker_concurrency=settings.pool_processes,
+    # Polls are greenlets of one process: a poll spends its life waiting (rate slot, provider,
+    # Postgres), and one hub thread wakes each the moment its slot comes, with no GIL hand-off
+    # between threads to make it late. WORKER_CONCURRENCY caps the polls at once; how many run
+    # is what the scheduler queued, about rate x SCHEDULE_LOOKAHEAD_SECONDS per busy account.
+    worker_pool="gevent",
+    worker_concurrency=settings.worker_concurrency,
     # Flower sees tasks as soon as they are sent, not only when a worker starts them.
     worker_send_task_events=True,
     task_send_sent_event=True,
@@ -146,13 +145,6 @@ def _metrics_endpoint(**_kwargs) -> None:
 @worker_process_shutdown.connect
 def _metrics_process_exit(pid: int, **_kwargs) -> None:
     metrics.process_exited(pid)
-
-
-@worker_shutting_down.connect
-def _shutdown_watchdog(how: str, exitcode: int | None = None, **_kwargs) -> None:
-    # Main process, as a warm shutdown begins: see worker.shutdown.
-    if how == "Warm":
-        shutdown.start(settings.lease_min_remaining_seconds, exitcode or 0, metrics.cleanup)
 
 
 @worker_shutdown.connect

@@ -37,7 +37,7 @@ from typer.core import TyperGroup
 from worker import store
 from worker.errors import AccountRejected, OARejected, ProviderError
 from worker.esms_client import CODE_SUCCESS, EsmsClient
-from worker.ratelimit import RateLimiter
+from worker.ratelimit import RateLimiter, RatePolicy
 from worker.settings import DEFAULT_ACCOUNT, MAX_LIMITER_WAIT_SECONDS, Account, Settings
 
 RECENT_SECONDS = 300  # "resolved in the last 5 minutes" in `status`
@@ -560,8 +560,7 @@ def check_account(
     The provider checks keys before the OAId, so an OA refusal still means the keys are good.
     """
     if limiter is not None:
-        reservation = limiter.acquire(account.limiter_key, MAX_LIMITER_WAIT_SECONDS)
-        if not reservation.granted:
+        if limiter.acquire(account.limiter_key, MAX_LIMITER_WAIT_SECONDS) is None:
             return AccountCheck(account.name, "unverified", None, "the rate budget is busy")
     try:
         client.get_callback(account, oa_id, [CHECK_REF_ID])
@@ -586,7 +585,7 @@ def _limiter(settings: Settings, notes: list[str]) -> RateLimiter | None:
         # Without Redis no worker can poll either, so one request cannot crowd anybody out.
         notes.append("Redis does not answer: the checks do not wait for the shared rate limit")
         return None
-    return RateLimiter(client, settings.effective_rate_per_second)
+    return RateLimiter(client, RatePolicy.from_settings(settings))
 
 
 _NO_DATABASE = "the database does not answer: the checks ask about OAId " + CHECK_OA_ID

@@ -54,6 +54,23 @@ LIMITER_WAIT_SECONDS = Histogram(
     ["account"],
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 10),
 )
+RATE_PER_SECOND = Gauge(
+    "esms_rate_per_second",
+    "Requests per second the ApiKey's shared limiter allows now (lower after Code 160)",
+    ["account"],
+    multiprocess_mode="mostrecent",
+)
+RATE_CUTS = Counter(
+    "esms_rate_cuts_total",
+    "Times Code 160 cut the ApiKey's shared request rate (one per congestion event)",
+    ["account"],
+)
+SENDS_RETIMED = Counter(
+    "esms_sends_retimed_total",
+    "Rate slots given up right before sending: late (the process woke late), window_full (the "
+    "send log already held the limit) or rate_changed (a cut after the slot was taken)",
+    ["account", "reason"],
+)
 RESOLVED = Counter(
     "esms_resolved_total",
     "RefIds that reached a final state (sent, failed, rejected by polls; expired by age)",

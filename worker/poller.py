@@ -3,11 +3,11 @@
 `poll_batch` loads its leased batch, waits for its slot in the account's shared rate budget, calls
 GetCallback with no transaction open, and writes the answer in one transaction. A failed request
 changes no message's data: the batch's rows are released to be due again after a short delay, and
-one log line names the account, OAId, batch size and reason (never a key). Code 160 also pushes
-the account's budget back, so every worker slows down together. A batch whose account or OA
-cools off after a refusal (see `worker.cooloff`) is released unsent until the cool-off ends. A
-batch answered Code 105 ("SMSID not found") is split in halves, so that one RefId the provider
-cannot find does not hold back the others.
+one log line names the account, OAId, batch size and reason (never a key). Code 160 also cuts
+the ApiKey's shared rate (worker.ratelimit), so every worker slows down together. A batch whose
+account or OA cools off after a refusal (see `worker.cooloff`) is released unsent until the
+cool-off ends. A batch answered Code 105 ("SMSID not found") is split in halves, so that one
+RefId the provider cannot find does not hold back the others.
 """
 
 from __future__ import annotations
@@ -25,13 +25,13 @@ from worker import metrics, store
 from worker.cooloff import CoolOffs, account_scope, oa_scope
 from worker.errors import AccountRejected, OARejected, ProviderError, RateLimited, RefIdsNotFound
 from worker.esms_client import EsmsClient
-from worker.ratelimit import RateLimiter
+from worker.ratelimit import INCREASE_PER_SECOND, Permit, RateLimiter
 from worker.settings import MAX_LIMITER_WAIT_SECONDS, Settings
 
 log = logging.getLogger(__name__)
 
-# After "too fast" (Code 160) the account's whole budget pauses this long.
-RATE_LIMITED_PAUSE_SECONDS = 1.0
+# A batch answered "too fast" (Code 160) is due again this soon: the rate cut paces it.
+RATE_LIMITED_RETRY_SECONDS = 1.0
 
 
 class Outcome(enum.StrEnum):
@@ -85,8 +85,8 @@ def poll_batch(
         )  # fmt: skip
         return PollResult(Outcome.UNKNOWN_ACCOUNT, size, reason="account not configured")
 
-    reservation = limiter.acquire(account.limiter_key, MAX_LIMITER_WAIT_SECONDS)
-    if not reservation.granted:
+    permit = limiter.acquire(account.limiter_key, MAX_LIMITER_WAIT_SECONDS)
+    if permit is None:
         _release(engine, batch, 0)
         metrics.BATCHES.labels(Outcome.NO_SLOT).inc()
         log.info(
@@ -98,7 +98,7 @@ def poll_batch(
             extra=_fields(batch, size, reason="no rate slot"),
         )
         return PollResult(Outcome.NO_SLOT, size)
-    metrics.LIMITER_WAIT_SECONDS.labels(batch.account).observe(reservation.wait_seconds)
+    _count_permit(batch.account, permit)
 
     # Checked with the slot in hand, right before sending: batches queued before a sibling batch
     # was refused must not each spend a request the provider will refuse too.
@@ -123,9 +123,8 @@ def poll_batch(
         metrics.REQUESTS.labels(batch.account, metrics.request_result(exc)).inc()
         metrics.REQUEST_SECONDS.labels(batch.account).observe(elapsed)
         if isinstance(exc, RateLimited):
-            # The pause is on the shared budget; the batch itself may go again right after it.
-            limiter.penalize(account.limiter_key, RATE_LIMITED_PAUSE_SECONDS)
-            delay = RATE_LIMITED_PAUSE_SECONDS
+            _slow_down(limiter, account.limiter_key, batch.account, permit)
+            delay = RATE_LIMITED_RETRY_SECONDS
         elif isinstance(exc, AccountRejected):
             delay = cooloffs.pause(account_scope(batch.account), exc.reason)
         elif isinstance(exc, OARejected):
@@ -174,6 +173,33 @@ def poll_batch(
         extra=_fields(batch, size, elapsed, items=len(records), changed=changed),
     )
     return PollResult(Outcome.DONE, size, len(records), changed)
+
+
+def _count_permit(account: str, permit: Permit) -> None:
+    metrics.LIMITER_WAIT_SECONDS.labels(account).observe(permit.wait_seconds)
+    metrics.RATE_PER_SECOND.labels(account).set(permit.rate)
+    for reason in permit.retimed:
+        metrics.SENDS_RETIMED.labels(account, reason).inc()
+    if permit.recovered:
+        log.info(
+            "account=%s: request rate back to %.1f/s", account, permit.rate,
+            extra={"account": account, "rate": permit.rate},
+        )  # fmt: skip
+
+
+def _slow_down(limiter: RateLimiter, budget: str, account: str, permit: Permit) -> None:
+    """Code 160: cut the ApiKey's shared rate, once per congestion event, with one log line."""
+    cut = limiter.congestion(budget, permit.sent_at_us)
+    if not cut.cut:
+        return
+    metrics.RATE_CUTS.labels(account).inc()
+    metrics.RATE_PER_SECOND.labels(account).set(cut.new_rate)
+    log.warning(
+        "account=%s: provider answered Code 160 (too fast): request rate cut from %.1f/s to "
+        "%.1f/s for every worker, climbing back by %.0f/s each second",
+        account, cut.old_rate, cut.new_rate, INCREASE_PER_SECOND,
+        extra={"account": account, "rate": cut.new_rate, "previous_rate": cut.old_rate},
+    )  # fmt: skip
 
 
 def _not_found(

@@ -1,82 +1,264 @@
-"""A rate limiter shared by every worker process on every host: GCRA in Redis, on Redis's clock.
+"""The per-ApiKey rate limit, shared by every worker on every host: GCRA, a send log, AIMD.
 
-The Generic Cell Rate Algorithm keeps one number per budget, the theoretical arrival time (TAT) of
-the next allowed request. `reserve` runs one Lua script that reads Redis's own clock, takes the
-slot `max(TAT, now)`, moves TAT one emission interval further and answers how long the caller must
-wait for its slot. With no burst allowance, requests leave at least one interval apart, so any
-one-second window holds at most `rate` of them whatever the number of callers; the settings keep a
-safety margin below the provider's limit for the jitter between leaving here and arriving there.
-Reservation (rather than "try again") means one Redis round trip per request and first come, first
-served. `penalize` pushes TAT into the future after the provider says we were too fast.
+Three Lua scripts, all on Redis's clock, so the hosts' own clocks never matter:
+
+- `reserve` is GCRA (virtual scheduling): one number per budget, the theoretical arrival time
+  (TAT) of the next request; a caller takes the slot `max(TAT, now)` and moves TAT one interval
+  on. Slots are handed out at most `horizon` ahead: a caller further back in the line sleeps
+  and asks again, so a change of rate reaches the line within a second.
+- `confirm` runs right before the request leaves. It refuses a slot that passed more than
+  `late_tolerance` ago (a caller the CPU scheduler woke late would bunch with the next ones) or
+  that was handed out before the last change of rate, and it keeps a moving-window log of the
+  actual send times: a request that would make `window_limit` + 1 sends inside `window` does not
+  leave. A refused caller takes a new slot. Whatever the hosts, pools or CPU load, no more than
+  `window_limit` requests leave inside any `window`.
+- `congestion` is called when the provider answers Code 160 ("too fast"): the budget's rate drops
+  at once to `DECREASE` × the rate in force (not below the floor), sending pauses for one provider
+  window, and the rate creeps back by `INCREASE_PER_SECOND` every second, up to a ceiling just
+  under the rate that was refused, which itself rises again only after `PROBE_AFTER_SECONDS`
+  without a refusal (additive increase, multiplicative decrease, as the AWS SDKs' adaptive retry
+  mode does). One refusal per provider window counts: the 160s of requests that left before the
+  cut, or while the provider's window still held the excess, are the same congestion event.
+
+`RatePolicy.from_settings` turns the provider's limit and our safety margin into these numbers.
 """
 
 from __future__ import annotations
 
+import math
 import time
+import uuid
 from dataclasses import dataclass
 
 import redis
 
-_KEY_PREFIX = "esms:gcra:"
+from worker.settings import Settings
 
-# KEYS[1] budget key; ARGV: interval_us, max_wait_us. Returns {granted, wait_us}.
-_RESERVE = """
-local now_parts = redis.call('TIME')
-local now = tonumber(now_parts[1]) * 1000000 + tonumber(now_parts[2])
-local interval = tonumber(ARGV[1])
-local max_wait = tonumber(ARGV[2])
-local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+_STATE_PREFIX = "esms:rate:"
+_SENT_PREFIX = "esms:sent:"
+# State without traffic for this long is dropped (a budget at its full rate needs none).
+_STATE_TTL_MS = 6 * 3600 * 1000
+
+# AIMD after Code 160. After a cut the rate climbs back INCREASE_PER_SECOND req/s every second,
+# up to CEILING × the rate the provider refused; the ceiling rises by PROBE_PER_SECOND every
+# second once PROBE_AFTER_SECONDS passed without a refusal.
+DECREASE = 0.7
+INCREASE_PER_SECOND = 2.0
+CEILING = 0.95
+PROBE_AFTER_SECONDS = 300.0
+PROBE_PER_SECOND = 0.02
+
+# The current rate of a budget, in Lua, from its state `s` (HMGET of tat, epoch, cut_rate,
+# cut_at, ceiling) at `now`; `max_rate` and the AIMD constants come from ARGV/literals.
+_CURRENT_RATE = f"""
+local function current_rate(s, now, max_rate)
+  if not s[3] then return max_rate end
+  local since = (now - tonumber(s[4])) / 1e6
+  local ceiling = tonumber(s[5]) + {PROBE_PER_SECOND} * math.max(0, since - {PROBE_AFTER_SECONDS})
+  return math.min(max_rate, ceiling, tonumber(s[3]) + {INCREASE_PER_SECOND} * since)
+end
+-- Redis turns Lua numbers into strings with 14 significant digits: too few for a microsecond
+-- timestamp, so stored numbers are formatted here.
+local function int(x) return string.format('%d', math.floor(x)) end
+local function real(x) return string.format('%.6f', x) end
+local function now_us()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+"""
+
+# KEYS[1] state; ARGV: max_rate, horizon_us. Returns {granted, wait_us, slot_us, epoch,
+# rate_millis, recovered}. `recovered` is 1 for the one caller that finds the rate back to full.
+_RESERVE = (
+    _CURRENT_RATE
+    + f"""
+local now = now_us()
+local max_rate = tonumber(ARGV[1])
+local s = redis.call('HMGET', KEYS[1], 'tat', 'epoch', 'cut_rate', 'cut_at', 'ceiling')
+local rate = current_rate(s, now, max_rate)
+local recovered = 0
+if s[3] and rate >= max_rate then
+  redis.call('HDEL', KEYS[1], 'cut_rate', 'cut_at', 'ceiling')
+  recovered = 1
+end
+local epoch = tonumber(s[2] or 0)
+local tat = tonumber(s[1] or now)
 if tat < now then tat = now end
 local wait = tat - now
-if wait > max_wait then return {0, wait} end
-local new_tat = tat + interval
-redis.call('SET', KEYS[1], new_tat, 'PX', math.ceil((new_tat - now) / 1000) + 1000)
-return {1, wait}
+if wait > tonumber(ARGV[2]) then
+  return {{0, math.floor(wait), 0, epoch, math.floor(rate * 1000), recovered}}
+end
+redis.call('HSET', KEYS[1], 'tat', int(tat + 1000000 / rate))
+redis.call('PEXPIRE', KEYS[1], {_STATE_TTL_MS})
+return {{1, math.floor(wait), math.floor(tat), epoch, math.floor(rate * 1000), recovered}}
+"""
+)
+
+# KEYS[1] state, KEYS[2] send log; ARGV: slot_us, epoch, late_tolerance_us, window_us,
+# window_limit, member. Returns {result, now_us}: 1 sent, 2 rate changed, 3 late, 4 window full.
+_CONFIRM = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local epoch = tonumber(redis.call('HGET', KEYS[1], 'epoch') or 0)
+if epoch ~= tonumber(ARGV[2]) then return {2, now} end
+if now - tonumber(ARGV[1]) > tonumber(ARGV[3]) then return {3, now} end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', string.format('%d', now - tonumber(ARGV[4])))
+if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[5]) then return {4, now} end
+redis.call('ZADD', KEYS[2], string.format('%d', now), ARGV[6])
+redis.call('PEXPIRE', KEYS[2], math.ceil(tonumber(ARGV[4]) / 1000) + 1000)
+return {1, now}
 """
 
-# KEYS[1] budget key; ARGV: penalty_us. Nobody gets a slot before now + penalty.
-_PENALIZE = """
-local now_parts = redis.call('TIME')
-local now = tonumber(now_parts[1]) * 1000000 + tonumber(now_parts[2])
-local floor = now + tonumber(ARGV[1])
-local tat = tonumber(redis.call('GET', KEYS[1]) or now)
-if tat < floor then tat = floor end
-redis.call('SET', KEYS[1], tat, 'PX', math.ceil((tat - now) / 1000) + 1000)
-return tat - now
+# KEYS[1] state; ARGV: sent_at_us, max_rate, floor, provider_window_us. Returns {cut, old_millis,
+# new_millis}: cut is 0 when this refusal belongs to a congestion event already answered.
+_CONGESTION = (
+    _CURRENT_RATE
+    + f"""
+local now = now_us()
+local max_rate = tonumber(ARGV[2])
+local s = redis.call('HMGET', KEYS[1], 'tat', 'epoch', 'cut_rate', 'cut_at', 'ceiling')
+local rate = current_rate(s, now, max_rate)
+if s[4] and tonumber(ARGV[1]) < tonumber(s[4]) + tonumber(ARGV[4]) then
+  return {{0, math.floor(rate * 1000), math.floor(rate * 1000)}}
+end
+local floor = tonumber(ARGV[3])
+local new_rate = math.max(floor, rate * {DECREASE})
+local ceiling = math.max(floor, rate * {CEILING})
+local tat = math.max(tonumber(s[1] or now), now + tonumber(ARGV[4]))
+redis.call('HSET', KEYS[1], 'cut_rate', real(new_rate), 'cut_at', int(now),
+           'ceiling', real(ceiling), 'epoch', int(tonumber(s[2] or 0) + 1), 'tat', int(tat))
+redis.call('PEXPIRE', KEYS[1], {_STATE_TTL_MS})
+return {{1, math.floor(rate * 1000), math.floor(new_rate * 1000)}}
 """
+)
+
+SENT = 1
+RATE_CHANGED = 2
+LATE = 3
+WINDOW_FULL = 4
+RETIME_REASONS = {RATE_CHANGED: "rate_changed", LATE: "late", WINDOW_FULL: "window_full"}
 
 
 @dataclass(frozen=True)
-class Reservation:
-    granted: bool
+class RatePolicy:
+    """The numbers the scripts enforce, derived from the provider's limit by `Settings`."""
+
+    max_rate: float  # requests/s GCRA spaces requests at (the limit less the safety margin)
+    min_rate: float  # the floor AIMD never goes below
+    window_limit: int  # no more than this many sends ...
+    window_seconds: float  # ... inside any window this long
+    late_tolerance_seconds: float  # a slot that passed longer ago than this is not used
+    provider_window_seconds: float = 1.0  # the window the provider counts in
+    horizon_seconds: float = 1.0  # slots are handed out at most this far ahead
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> RatePolicy:
+        """GCRA spaces requests 1/effective_rate apart, so 21 consecutive ones span
+        `limit / effective_rate` seconds: 1 s plus a slack (41.7 ms at 20/s and 4 %). Half the
+        slack is the lateness a send may have; the send log allows `limit` sends in any 1 s plus
+        half the slack, which sends on time or within that lateness never reach. The other half
+        is what the network may add between two requests' arrivals at the provider.
+        """
+        window_limit = max(1, math.floor(settings.esms_rate_limit_per_second))
+        max_rate = settings.effective_rate_per_second
+        slack = max(window_limit / max_rate - 1.0, 0.0)
+        return cls(
+            max_rate=max_rate,
+            min_rate=min(settings.esms_rate_min_per_second, max_rate),
+            window_limit=window_limit,
+            window_seconds=1.0 + slack / 2,
+            late_tolerance_seconds=max(slack / 2 - 0.001, 0.0),
+        )
+
+
+@dataclass(frozen=True)
+class Permit:
+    """A request may leave now. `sent_at_us` is the moment on Redis's clock the send log holds."""
+
+    sent_at_us: int
     wait_seconds: float
+    rate: float
+    retimed: tuple[str, ...] = ()  # why earlier slots were given up, one entry each
+    recovered: bool = False  # this caller saw the rate back to full after a cut
+
+
+@dataclass(frozen=True)
+class Cut:
+    """The result of a Code 160: whether it cut the rate, and from what to what."""
+
+    cut: bool
+    old_rate: float
+    new_rate: float
 
 
 class RateLimiter:
-    """Per-budget GCRA at `rate_per_second`; budgets are named by the caller (one per ApiKey)."""
+    """One budget per ApiKey (named by the caller), enforced by the scripts above."""
 
-    def __init__(self, client: redis.Redis, rate_per_second: float) -> None:
+    def __init__(self, client: redis.Redis, policy: RatePolicy) -> None:
         self._redis = client
-        self._interval_us = int(round(1_000_000 / rate_per_second))
+        self.policy = policy
         self._reserve = client.register_script(_RESERVE)
-        self._penalize = client.register_script(_PENALIZE)
+        self._confirm = client.register_script(_CONFIRM)
+        self._congestion = client.register_script(_CONGESTION)
 
-    def reserve(self, budget: str, max_wait_seconds: float) -> Reservation:
-        """Take the next slot if it comes within `max_wait_seconds`; else take nothing."""
-        granted, wait_us = self._reserve(
-            keys=[_KEY_PREFIX + budget], args=[self._interval_us, int(max_wait_seconds * 1e6)]
+    def acquire(self, budget: str, max_wait_seconds: float) -> Permit | None:
+        """Wait for a slot and record the send; the caller sends right after this returns.
+
+        None when no slot could be had within `max_wait_seconds`: the caller gives its work back.
+        """
+        policy = self.policy
+        started = time.monotonic()
+        deadline = started + max_wait_seconds
+        horizon_us = int(policy.horizon_seconds * 1e6)
+        retimed: list[str] = []
+        recovered = False
+        while True:
+            granted, wait_us, slot_us, epoch, rate_millis, back = self._reserve(
+                keys=[_STATE_PREFIX + budget], args=[policy.max_rate, horizon_us]
+            )
+            recovered = recovered or bool(back)
+            wait = wait_us / 1e6
+            if not granted:
+                # Back in the line: ask again when our turn is about half a horizon away.
+                nap = wait - policy.horizon_seconds / 2
+                if time.monotonic() + nap > deadline:
+                    return None
+                time.sleep(nap)
+                continue
+            if wait > 0:
+                time.sleep(wait)
+            result, now_us = self._confirm(
+                keys=[_STATE_PREFIX + budget, _SENT_PREFIX + budget],
+                args=[
+                    slot_us,
+                    epoch,
+                    int(policy.late_tolerance_seconds * 1e6),
+                    int(policy.window_seconds * 1e6),
+                    policy.window_limit,
+                    uuid.uuid4().hex,
+                ],
+            )
+            if result == SENT:
+                waited = time.monotonic() - started
+                return Permit(now_us, waited, rate_millis / 1000, tuple(retimed), recovered)
+            retimed.append(RETIME_REASONS[result])
+            if time.monotonic() > deadline:
+                return None
+
+    def congestion(self, budget: str, sent_at_us: int) -> Cut:
+        """The provider refused a request that left at `sent_at_us` as too fast: cut the rate,
+        unless this refusal belongs to a congestion event already answered."""
+        policy = self.policy
+        cut, old, new = self._congestion(
+            keys=[_STATE_PREFIX + budget],
+            args=[
+                sent_at_us,
+                policy.max_rate,
+                policy.min_rate,
+                int(policy.provider_window_seconds * 1e6),
+            ],
         )
-        return Reservation(bool(granted), wait_us / 1e6)
-
-    def acquire(self, budget: str, max_wait_seconds: float) -> Reservation:
-        """`reserve`, then sleep until the slot; the caller sends right after this returns."""
-        reservation = self.reserve(budget, max_wait_seconds)
-        if reservation.granted and reservation.wait_seconds > 0:
-            time.sleep(reservation.wait_seconds)
-        return reservation
+        return Cut(bool(cut), old / 1000, new / 1000)
 
     def ping(self) -> None:
         self._redis.ping()
-
-    def penalize(self, budget: str, seconds: float) -> None:
-        self._penalize(keys=[_KEY_PREFIX + budget], args=[int(seconds * 1e6)])

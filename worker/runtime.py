@@ -1,8 +1,11 @@
-"""Per-process resources: the settings, database engine, HTTP client and limiter, made once.
+"""The worker's shared resources: database engine, HTTP client, Redis client and limiter, made once.
 
-Each worker process runs one task at a time, so it needs only a couple of connections. Built
-lazily, in the process that uses them: after the prefork pool has forked, and never in Flower,
-beat or `celery inspect`, which import the app but poll nothing.
+A worker is one process whose polls run as greenlets (worker.green), so these are shared by every
+poll in flight and sized by what is in flight, not by a process count: the HTTP pool holds one
+connection per concurrent request, the database pool a handful (a poll holds a connection only
+for its two short transactions, never while it waits for its slot or the provider), Redis a few
+more (three short calls per poll). Built lazily, in the process that uses them, and never in
+Flower, beat or `celery inspect`, which import the app but poll nothing.
 """
 
 from __future__ import annotations
@@ -14,16 +17,17 @@ from sqlalchemy import Engine
 
 from worker.cooloff import CoolOffs
 from worker.esms_client import EsmsClient
-from worker.ratelimit import RateLimiter
+from worker.ratelimit import RateLimiter, RatePolicy
 from worker.settings import get_settings
 from worker.store import make_engine
 
-_CONNECTIONS_PER_PROCESS = 2
+_DATABASE_CONNECTIONS = 10
+_REDIS_CONNECTIONS = 32
 
 
 @lru_cache(maxsize=1)
 def engine() -> Engine:
-    return make_engine(get_settings(), pool_size=_CONNECTIONS_PER_PROCESS)
+    return make_engine(get_settings(), pool_size=_DATABASE_CONNECTIONS)
 
 
 @lru_cache(maxsize=1)
@@ -32,23 +36,27 @@ def esms_client() -> EsmsClient:
     return EsmsClient(
         settings.esms_base_url,
         settings.esms_timeout_seconds,
-        max_connections=_CONNECTIONS_PER_PROCESS,
+        max_connections=settings.worker_concurrency,
     )
 
 
 @lru_cache(maxsize=1)
 def redis_client() -> redis.Redis:
-    return redis.Redis.from_url(
+    # Blocking: a greenlet waits for a free connection instead of opening one more.
+    pool = redis.BlockingConnectionPool.from_url(
         get_settings().redis_url.get_secret_value(),
+        max_connections=_REDIS_CONNECTIONS,
+        timeout=5,
         socket_timeout=5,
         socket_connect_timeout=5,
         health_check_interval=30,
     )
+    return redis.Redis(connection_pool=pool)
 
 
 @lru_cache(maxsize=1)
 def rate_limiter() -> RateLimiter:
-    return RateLimiter(redis_client(), get_settings().effective_rate_per_second)
+    return RateLimiter(redis_client(), RatePolicy.from_settings(get_settings()))
 
 
 @lru_cache(maxsize=1)
@@ -57,7 +65,8 @@ def cooloffs() -> CoolOffs:
 
 
 def warm_up() -> None:
-    """Connect to Postgres and Redis now; a failure here is left for the first task to report."""
+    """Connect to Postgres and Redis now, so the first poll leaves on time; a failure here is
+    left for the first task to report."""
     try:
         with engine().connect() as conn:
             conn.exec_driver_sql("SELECT 1")

@@ -22,8 +22,10 @@ DEFAULT_ACCOUNT = "default"
 MAX_LIMITER_WAIT_SECONDS = 10.0
 # Time a batch's lease must still have, beyond the wait and the request, for the final write.
 LEASE_WRITE_RESERVE_SECONDS = 5.0
-_PROCESSES_PER_ACCOUNT = 16
-_MAX_DEFAULT_PROCESSES = 64
+# Polls one worker runs at once (greenlets; each holds a task, and at most one request in
+# flight). A cap, not a cost: the scheduler queues about rate x SCHEDULE_LOOKAHEAD_SECONDS
+# batches per busy account (58 at the defaults), an idle account none.
+DEFAULT_WORKER_CONCURRENCY = 500
 
 
 class AccountKeys(BaseModel):
@@ -71,6 +73,9 @@ class Settings(BaseSettings):
     # Fraction of the rate kept in reserve so that jitter between our clock and the provider's
     # arrival times cannot push a one-second window over the limit.
     esms_rate_safety_margin: float = Field(0.04, ge=0, lt=0.5)
+    # After the provider answers Code 160 the rate drops and creeps back (worker.ratelimit);
+    # it never drops below this.
+    esms_rate_min_per_second: float = Field(2, gt=0)
     esms_batch_size: int = Field(200, ge=1)
     esms_timeout_seconds: float = Field(10, gt=0)
 
@@ -90,8 +95,8 @@ class Settings(BaseSettings):
     # A claimed batch belongs to its task for this long; a worker that dies loses it only this long.
     lease_seconds: float = Field(60, gt=0)
 
-    # Pool processes of one `celery worker`; unset, 16 per configured account (see below).
-    worker_concurrency: int | None = Field(None, ge=1)
+    # Polls one `celery worker` runs at once (gevent greenlets).
+    worker_concurrency: int = Field(DEFAULT_WORKER_CONCURRENCY, ge=1)
 
     # Prometheus endpoint of each `celery worker` (its main process); 0 turns it off. Loopback
     # by default: the numbers are not secret, but nothing outside the host needs to reach it.
@@ -143,14 +148,6 @@ class Settings(BaseSettings):
                 DEFAULT_ACCOUNT, self.esms_api_key, self.esms_secret_key
             )
         return found
-
-    @property
-    def pool_processes(self) -> int:
-        """WORKER_CONCURRENCY, or enough processes for every account to keep its full rate in
-        flight: 20/s × a slow 0.6 s answer is 12 requests at once per account, plus headroom."""
-        if self.worker_concurrency is not None:
-            return self.worker_concurrency
-        return min(_PROCESSES_PER_ACCOUNT * max(1, len(self.accounts)), _MAX_DEFAULT_PROCESSES)
 
     @property
     def lease_min_remaining_seconds(self) -> float:

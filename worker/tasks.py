@@ -10,7 +10,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 
-from celery.signals import worker_process_init
+from celery.signals import worker_ready
 
 from worker import poller, runtime, scheduler
 from worker.celery import app
@@ -30,10 +30,10 @@ def _enqueue(batches: Sequence[Batch]) -> None:
         )
 
 
-@worker_process_init.connect
+@worker_ready.connect
 def _warm_up(**_kwargs) -> None:
-    """Open this pool process's connections before its first task, not inside it: the first
-    poll of a fresh process would otherwise leave late and leave a gap in the rate."""
+    """Open the worker's connections before its first task, not inside it: the first poll would
+    otherwise leave late and leave a gap in the rate."""
     runtime.warm_up()
 
 
