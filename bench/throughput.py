@@ -1,17 +1,34 @@
-"""Throughput benchmark: drain a 100,000-message backlog at the provider's full rate.
+"""Throughput benchmark: drain a backlog at the provider's full rate, counted where the provider counts.
 
-Builds a fresh database `esms_bench` holding 1,000,000 final rows and a backlog of pending ones
-(all due, every callback already final at the emulator), starts the emulator with 250–600 ms
-latency, a bare `celery -A worker worker` and `celery -A worker beat`, and waits until nothing is
-pending. Everything it reports comes from the emulator's request log and /proc:
+Builds a fresh database `esms_bench` holding final rows and a backlog of pending ones per busy
+account (all due, every callback already final at the emulator), starts the emulator with
+250–600 ms latency, one or more bare `celery -A worker worker` and a `celery -A worker beat`, and
+waits until nothing is pending. Everything it reports comes from outside the worker: the
+emulator's request log (arrival times, Codes) and /proc:
 
-- RefIds resolved per second from the first request to the last, and that as a fraction of the
-  physical ceiling (rate limit × batch size = 4,000/s per account);
-- the most requests any account made in any one-second window (the provider allows 20);
-- CPU seconds and peak resident memory of the worker and beat processes.
+- RefIds resolved per second from the first request to the last, as a fraction of the physical
+  ceiling (provider limit × 200 RefIds per busy account);
+- the most requests of any ApiKey that arrived in any 1 s window (every request, refused or not),
+  and the Code 160 answers;
+- seconds from starting the worker(s) to the first request at the emulator;
+- the peak PSS of the worker process tree(s), sampled every 0.5 s;
+- worker and Postgres CPU per final RefId, from /proc between the first request and the drain
+  (Postgres: every `postgres` process plus the children it reaped meanwhile).
 
-    .venv/bin/python bench/throughput.py                 # one account, 100,000 messages
-    .venv/bin/python bench/throughput.py --accounts 2    # two accounts, 100,000 messages each
+Worlds (`--scenario`, or `all`):
+
+    one         1 busy account
+    idle2       1 busy account, 2 idle accounts configured
+    two-workers 1 busy account, 2 idle accounts, two workers on this host
+    hog         1 busy account, two busy loops hogging both cores for the whole run
+    two         2 busy accounts
+    four        4 busy accounts
+    strict      1 busy account against a provider that allows 18 per second and counts
+                refused requests too (`--rate-limit 18 --count-refused`)
+    idle-memory 4 accounts configured, nothing to poll: PSS of an idle worker after 20 s
+
+    .venv/bin/python bench/throughput.py --scenario one
+    .venv/bin/python bench/throughput.py --scenario all      # every world, ~12 minutes
 
 Results are printed and written as JSON to bench/results/.
 """
@@ -23,7 +40,9 @@ import json
 import os
 import sys
 import tempfile
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
@@ -33,14 +52,37 @@ sys.path.insert(0, str(ROOT))
 
 from benchdb import PG_SERVER, drop_database, fresh_database  # noqa: E402
 
-from tests.integration.test_ratelimit import max_in_window  # noqa: E402
 from tests.processes import Children, celery, child_env, start_emulator, wait_for  # noqa: E402
+from worker.emulator.ratelimit import max_in_window  # noqa: E402
 
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/11")
 DATABASE = "esms_bench"
 RATE_LIMIT = 20
 BATCH = 200
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    busy: int = 1
+    idle: int = 0
+    workers: int = 1
+    hog: bool = False
+    provider_limit: int = RATE_LIMIT
+    count_refused: bool = False
+    idle_memory: bool = False
+
+
+SCENARIOS = {
+    "one": Scenario(),
+    "idle2": Scenario(idle=2),
+    "two-workers": Scenario(idle=2, workers=2),
+    "hog": Scenario(hog=True),
+    "two": Scenario(busy=2),
+    "four": Scenario(busy=4),
+    "strict": Scenario(provider_limit=18, count_refused=True),
+    "idle-memory": Scenario(busy=0, idle=4, idle_memory=True),
+}
 
 
 def prepare_database(final_rows: int, backlog: int, accounts: list[str]) -> str:
@@ -70,72 +112,132 @@ def prepare_database(final_rows: int, backlog: int, accounts: list[str]) -> str:
     return url
 
 
-def proc_usage(pid: int) -> tuple[float, int, int]:
-    """CPU seconds and summed peak RSS (KiB) of a process and its live children (the prefork
-    pool), and how many processes that was."""
-    pids = [pid] + [
-        int(entry)
-        for entry in os.listdir("/proc")
-        if entry.isdigit() and _parent(int(entry)) == pid
-    ]
-    cpu, peak = 0.0, 0
-    for one in pids:
-        with open(f"/proc/{one}/stat") as handle:
-            fields = handle.read().rsplit(")", 1)[1].split()
-        cpu += sum(int(value) for value in fields[11:15]) / CLOCK_TICKS
-        with open(f"/proc/{one}/status") as handle:
-            for line in handle:
-                if line.startswith("VmHWM:"):
-                    peak += int(line.split()[1])
-    return cpu, peak, len(pids)
+# --- /proc -------------------------------------------------------------------------------------
 
 
-def _parent(pid: int) -> int | None:
+def _stat(pid: int) -> list[str] | None:
     try:
         with open(f"/proc/{pid}/stat") as handle:
-            return int(handle.read().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
+            return handle.read().rsplit(")", 1)[1].split()
+    except OSError:
         return None
 
 
-def pending_count(url: str) -> int:
-    with psycopg.connect(url.replace("+psycopg", "")) as conn:
-        return conn.execute("SELECT count(*) FROM messages WHERE state = 'pending'").fetchone()[0]
+def _comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as handle:
+            return handle.read().strip()
+    except OSError:
+        return ""
 
 
-def run(accounts_count: int, backlog: int, final_rows: int, dump_log: str | None = None) -> dict:
+def _tree(pid: int) -> list[int]:
+    """`pid` and its descendants."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = _stat(int(entry))
+            if fields:
+                parents[int(entry)] = int(fields[1])
+    found, frontier = [pid], [pid]
+    while frontier:
+        parent = frontier.pop()
+        children = [child for child, p in parents.items() if p == parent]
+        found += children
+        frontier += children
+    return found
+
+
+def cpu_seconds(pids: list[int], reaped: bool = False) -> float:
+    """CPU seconds of `pids` (user + system); with `reaped`, also of their waited-for children."""
+    total = 0.0
+    for pid in pids:
+        fields = _stat(pid)
+        if fields:
+            total += sum(int(value) for value in fields[11:13]) / CLOCK_TICKS
+            if reaped:
+                total += sum(int(value) for value in fields[13:15]) / CLOCK_TICKS
+    return total
+
+
+def pss_kib(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as handle:
+                for line in handle:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+def postgres_pids() -> list[int]:
+    return [int(e) for e in os.listdir("/proc") if e.isdigit() and _comm(int(e)) == "postgres"]
+
+
+class Sampler(threading.Thread):
+    """Every 0.5 s: wall time, CPU of the workers' trees and of Postgres, PSS of the workers."""
+
+    def __init__(self, worker_pids: list[int]) -> None:
+        super().__init__(daemon=True)
+        self.worker_pids = worker_pids
+        self.samples: list[tuple[float, float, float, int]] = []
+        self.stop = threading.Event()
+
+    def take(self) -> None:
+        workers = [pid for root in self.worker_pids for pid in _tree(root)]
+        self.samples.append(
+            (
+                time.time(),
+                cpu_seconds(workers),
+                cpu_seconds(postgres_pids(), reaped=True),
+                pss_kib(workers),
+            )
+        )
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            self.take()
+            self.stop.wait(0.5)
+
+    def at(self, t: float) -> tuple[float, float, float, int]:
+        """The last sample taken at or before `t` (the first one if none)."""
+        before = [s for s in self.samples if s[0] <= t]
+        return before[-1] if before else self.samples[0]
+
+
+def start_hogs(children: Children, count: int = 2) -> None:
+    for index in range(count):
+        children.spawn(f"hog-{index}", [sys.executable, "-c", "while True: pass"], child_env())
+
+
+# --- one run -----------------------------------------------------------------------------------
+
+
+def run(name: str, scenario: Scenario, backlog: int, final_rows: int) -> dict:
     import redis
 
     redis.Redis.from_url(REDIS_URL).flushdb()
-    accounts = ["default"] + [f"shop{i}" for i in range(1, accounts_count)]
-    keys = {account: (f"bench-key-{account}", f"bench-secret-{account}") for account in accounts}
-    print(
-        f"preparing {final_rows:,} final rows and {backlog:,} pending per account "
-        f"for {accounts_count} account(s)...",
-        flush=True,
-    )
-    url = prepare_database(final_rows, backlog, accounts)
+    names = ["default"] + [f"shop{i}" for i in range(1, scenario.busy + scenario.idle)]
+    busy = names[: scenario.busy]
+    keys = {account: (f"bench-key-{account}", f"bench-secret-{account}") for account in names}
+    print(f"[{name}] preparing {final_rows:,} final rows, {backlog:,} pending x {busy}", flush=True)
+    url = prepare_database(final_rows, 0 if scenario.idle_memory else backlog, busy)
 
     with tempfile.TemporaryDirectory() as tmp:
         children = Children(Path(tmp))
         try:
-            flags = []
-            for api_key, secret in keys.values():
-                flags += ["--account", f"{api_key}:{secret}"]
-            emulator = start_emulator(
-                children,
-                *flags,
-                "--latency-min-ms",
-                "250",
-                "--latency-max-ms",
-                "600",
-                "--final-after-min-s",
-                "0",
-                "--final-after-max-s",
-                "0",
-                "--rate-limit",
-                str(RATE_LIMIT),
-            )
+            flags = [
+                f for api_key, secret in keys.values() for f in ("--account", f"{api_key}:{secret}")
+            ]
+            flags += ["--latency-min-ms", "250", "--latency-max-ms", "600"]
+            flags += ["--final-after-min-s", "0", "--final-after-max-s", "0"]
+            flags += ["--rate-limit", str(scenario.provider_limit)]
+            if scenario.count_refused:
+                flags.append("--count-refused")
+            emulator = start_emulator(children, *flags)
             default_key, default_secret = keys["default"]
             others = {
                 account: {"api_key": api_key, "secret_key": secret}
@@ -150,84 +252,131 @@ def run(accounts_count: int, backlog: int, final_rows: int, dump_log: str | None
                 ESMS_SECRET_KEY=default_secret,
                 ESMS_ACCOUNTS=json.dumps(others),
             )
-            worker = children.spawn(
-                "worker",
-                [
-                    str(Path(sys.executable).parent / "celery"),
-                    "-A",
-                    "worker",
-                    "worker",
-                    "--loglevel=WARNING",
-                ],
-                env,
-            )
-            beat = celery(children, "beat", env)
-            started = time.monotonic()
-            wait_for(
-                lambda: pending_count(url) == 0, timeout=900, interval=1, message="backlog drained"
-            )
-            wall = time.monotonic() - started
-            usage = {
-                name: proc_usage(child.proc.pid)
-                for name, child in (("worker", worker), ("beat", beat))
-            }
+            if scenario.hog:
+                start_hogs(children)
+            celery_bin = str(Path(sys.executable).parent / "celery")
+            started = time.time()
+            workers = [
+                children.spawn(
+                    f"worker-{index}",
+                    [
+                        celery_bin,
+                        "-A",
+                        "worker",
+                        "worker",
+                        "--loglevel=WARNING",
+                        "-n",
+                        f"w{index}@%h",
+                    ],
+                    env,
+                )
+                for index in range(scenario.workers)
+            ]
+            celery(children, "beat", env)
+            sampler = Sampler([worker.proc.pid for worker in workers])
+            sampler.start()
+            if scenario.idle_memory:
+                time.sleep(20)
+            else:
+                wait_for(
+                    lambda: pending_count(url) == 0, timeout=900, interval=0.5, message="drained"
+                )
+            drained = time.time()
+            sampler.stop.set()
+            sampler.join()
+            sampler.take()
             log = emulator.admin("GET", "/requests", params={"refids": 0})["requests"]
-            if dump_log:
-                Path(dump_log).write_text(json.dumps(log))
+            for worker in workers:
+                if worker.proc.poll() is not None:
+                    raise RuntimeError(f"worker exited: {worker.log()[-3000:]}")
         finally:
             children.stop_all()
-
-    ok = [entry for entry in log if entry["code"] == 100]
-    first, last = min(e["t"] for e in log), max(e["t"] for e in log)
-    resolved = backlog * accounts_count
-    rate = resolved / (last - first)
-    ceiling = RATE_LIMIT * BATCH * accounts_count
-    per_account_window = {
-        account: max_in_window([e["t"] for e in log if e["api_key"] == api_key])
-        for account, (api_key, _) in keys.items()
-    }
-    result = {
-        "accounts": accounts_count,
-        "backlog_per_account": backlog,
-        "final_rows": final_rows,
-        "requests": len(log),
-        "requests_ok": len(ok),
-        "requests_rejected": {
-            str(code): sum(1 for e in log if e["code"] == code)
-            for code in sorted({e["code"] for e in log})
-            if code != 100
-        },
-        "mean_batch": round(sum(e["n_read"] for e in ok) / len(ok), 1),
-        "first_to_last_request_s": round(last - first, 2),
-        "wall_until_drained_s": round(wall, 2),
-        "refids_per_second": round(rate, 1),
-        "ceiling_per_second": ceiling,
-        "fraction_of_ceiling": round(rate / ceiling, 4),
-        "max_requests_in_any_1s_window": per_account_window,
-        "worker_processes": usage["worker"][2],
-        "worker_cpu_s": round(usage["worker"][0], 1),
-        "worker_peak_rss_mib": round(usage["worker"][1] / 1024, 1),
-        "beat_cpu_s": round(usage["beat"][0], 1),
-        "beat_peak_rss_mib": round(usage["beat"][1] / 1024, 1),
-    }
     drop_database(DATABASE)
+
+    peak_pss = max(s[3] for s in sampler.samples) / 1024
+    result: dict = {
+        "scenario": name,
+        **scenario.__dict__,
+        "worker_peak_pss_mib": round(peak_pss, 1),
+    }
+    if scenario.idle_memory:
+        result["requests"] = len(log)
+        return result
+
+    first, last = min(e["t"] for e in log), max(e["t"] for e in log)
+    resolved = backlog * scenario.busy
+    rate = resolved / (last - first)
+    ceiling = scenario.provider_limit * BATCH * scenario.busy
+    start_sample, end_sample = sampler.at(first), sampler.at(drained)
+    codes: dict[str, int] = {}
+    for entry in log:
+        codes[str(entry["code"])] = codes.get(str(entry["code"]), 0) + 1
+    refused = [e["t"] for e in log if e["code"] == 160]
+    per_key = {
+        account: max_in_window(sorted(e["t"] for e in log if e["api_key"] == api_key), 1.0)
+        for account, (api_key, _) in keys.items()
+        if account in busy
+    }
+    result.update(
+        {
+            "backlog_per_account": backlog,
+            "final_rows": final_rows,
+            "requests": len(log),
+            "codes": codes,
+            "code_160": len(refused),
+            "mean_batch": round(
+                sum(e["n_read"] for e in log if e["code"] == 100)
+                / max(1, sum(1 for e in log if e["code"] == 100)),
+                1,
+            ),
+            "first_request_after_start_s": round(first - started, 2),
+            "first_to_last_request_s": round(last - first, 2),
+            "refids_per_second": round(rate, 1),
+            "ceiling_per_second": ceiling,
+            "fraction_of_ceiling": round(rate / ceiling, 4),
+            "max_requests_in_any_1s_window": per_key,
+            "worker_cpu_us_per_refid": round((end_sample[1] - start_sample[1]) / resolved * 1e6, 1),
+            "postgres_cpu_us_per_refid": round(
+                (end_sample[2] - start_sample[2]) / resolved * 1e6, 1
+            ),
+            "worker_cpu_s_total": round(end_sample[1], 1),
+        }
+    )
+    if refused:
+        last_refusal = max(refused)
+        settled = [e["t"] for e in log if e["t"] > last_refusal + 1]
+        result["last_160_after_first_request_s"] = round(last_refusal - first, 2)
+        if len(settled) > 20:
+            result["requests_per_second_after_settling"] = round(
+                (len(settled) - 1) / (settled[-1] - settled[0]), 2
+            )
     return result
+
+
+def pending_count(url: str) -> int:
+    with psycopg.connect(url.replace("+psycopg", "")) as conn:
+        return conn.execute("SELECT count(*) FROM messages WHERE state = 'pending'").fetchone()[0]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--accounts", type=int, default=1)
+    parser.add_argument("--scenario", default="one", choices=[*SCENARIOS, "all"])
     parser.add_argument("--backlog", type=int, default=100_000, help="pending messages per account")
     parser.add_argument("--final-rows", type=int, default=1_000_000)
-    parser.add_argument("--dump-log", help="write the emulator's request log (JSON) here")
     args = parser.parse_args()
-    result = run(args.accounts, args.backlog, args.final_rows, args.dump_log)
-    print(json.dumps(result, indent=2))
+    names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
+    results = []
     out = ROOT / "bench" / "results"
     out.mkdir(exist_ok=True)
-    (out / f"throughput-{args.accounts}acct-{int(time.time())}.json").write_text(
-        json.dumps(result, indent=2)
-    )
+    for name in names:
+        result = run(name, SCENARIOS[name], args.backlog, args.final_rows)
+        print(json.dumps(result, indent=2), flush=True)
+        results.append(result)
+        (out / f"throughput-{name}-{int(time.time())}.json").write_text(
+            json.dumps(result, indent=2)
+        )
+    if len(results) > 1:
+        print(json.dumps(results))
 
 
 if __name__ == "__main__":

@@ -97,9 +97,11 @@ app.conf.update(
     worker_prefetch_multiplier=1,
     # Polls are greenlets of one process: a poll spends its life waiting (rate slot, provider,
     # Postgres), and one hub thread wakes each the moment its slot comes, with no GIL hand-off
-    # between threads to make it late. WORKER_CONCURRENCY caps the polls at once; how many run
-    # is what the scheduler queued, about rate x SCHEDULE_LOOKAHEAD_SECONDS per busy account.
-    worker_pool="gevent",
+    # between threads to make it late. The pool is named on the command line, where Celery
+    # patches for it (worker.green adds `--pool=gevent` to a bare `celery worker`): the
+    # `worker_pool` setting would pick the pool too late to patch. WORKER_CONCURRENCY caps the
+    # polls at once; how many run is what the scheduler queued, about rate x
+    # SCHEDULE_LOOKAHEAD_SECONDS per busy account.
     worker_concurrency=settings.worker_concurrency,
     # Flower sees tasks as soon as they are sent, not only when a worker starts them.
     worker_send_task_events=True,

@@ -10,8 +10,8 @@ patches nothing (celery/celery#10067), and by the time `-A worker` imports this 
 has already imported kombu and redis-py, which bind `select.epoll`, `time.sleep` and friends at
 import time. A hub blocked in a real epoll would stall every greenlet. So when a `celery worker`
 command names no pool, `reexec_on_gevent` replaces the process, before anything else happens in
-it, with the same command plus `--pool=gevent`: same PID, same signals, same arguments, about
-half a second later. A pool named on the command line (`-P prefork`, `-P solo`, `-P gevent`) is
+it, with the same command plus `--pool=gevent` (and `--without-mingle`, see below): same PID,
+same signals, same arguments, about half a second later. A pool named on the command line (`-P prefork`, `-P solo`, `-P gevent`) is
 left as it is.
 """
 
@@ -74,7 +74,12 @@ def gevent_command(argv: Sequence[str]) -> list[str] | None:
     name, args = subcommand(argv[1:])
     if name != "worker" or names_a_pool(args) or "--help" in args:
         return None
-    return [sys.executable, "-m", "celery", *argv[1:], "--pool=gevent"]
+    extra = ["--pool=gevent"]
+    # Mingle asks the other workers for revoked task ids and waits a second for their answers
+    # at every start; nothing here revokes tasks, and the first poll should not wait for it.
+    if not any(arg.endswith("mingle") for arg in args):
+        extra.append("--without-mingle")
+    return [sys.executable, "-m", "celery", *argv[1:], *extra]
 
 
 def reexec_on_gevent() -> None:

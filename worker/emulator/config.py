@@ -61,6 +61,9 @@ class EmulatorConfig:
     seed: int = _knob(0, "seed of message truth (and, at start, of fault and latency draws)")
     rate_limit: int = _knob(20, "requests per ApiKey allowed in any sliding window")
     rate_window_s: float = _knob(1.0, "length of the rate-limit sliding window, seconds")
+    count_refused: bool = _knob(
+        False, "refused (Code 160) requests count in the window too: a stricter provider"
+    )
     max_refids: int = _knob(200, "RefIds read per request; the rest are ignored")
     latency_min_ms: float = _knob(0.0, "lowest added response latency, ms")
     latency_max_ms: float = _knob(0.0, "highest added response latency, ms")

@@ -89,7 +89,7 @@ class Provider:
         if account is None or account.secret_key != request.secret_key:
             return self._send_code(entry, 101)
         entry.admitted = self._limiter.admit(
-            request.api_key, t, config.rate_limit, config.rate_window_s
+            request.api_key, t, config.rate_limit, config.rate_window_s, config.count_refused
         )
         if not entry.admitted:
             entry.over_limit = True
