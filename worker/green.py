@@ -11,8 +11,8 @@ has already imported kombu and redis-py, which bind `select.epoll`, `time.sleep`
 import time. A hub blocked in a real epoll would stall every greenlet. So when a `celery worker`
 command names no pool, `reexec_on_gevent` replaces the process, before anything else happens in
 it, with the same command plus `--pool=gevent` (and `--without-mingle`, see below): same PID,
-same signals, same arguments, about half a second later. A pool named on the command line (`-P prefork`, `-P solo`, `-P gevent`) is
-left as it is.
+same signals, same arguments, about half a second later. A pool named on the command line
+(`-P prefork`, `-P solo`, `-P gevent`) is left as it is.
 """
 
 from __future__ import annotations

@@ -151,15 +151,12 @@ def poll_batch(
     elapsed = time.monotonic() - started
     metrics.REQUESTS.labels(batch.account, metrics.request_result(None)).inc()
     metrics.REQUEST_SECONDS.labels(batch.account).observe(elapsed)
-    resolved: dict[str, int] = {}
     with engine.begin() as conn:
-        changed = store.complete_batch(conn, batch, records, settings)
-        if changed:
-            resolved = store.resolved_in_this_transaction(conn, batch.ref_ids)
+        completed = store.complete_batch(conn, batch, records, settings)
     # After the commit: the answer is safe in Postgres even if Redis is away for this call.
     cooloffs.clear(account_scope(batch.account), oa_scope(batch.account, batch.oa_id))
     # Counted after the commit: a write that failed resolved nothing.
-    for state, count in resolved.items():
+    for state, count in completed.resolved.items():
         metrics.RESOLVED.labels(state).inc(count)
     metrics.BATCHES.labels(Outcome.DONE).inc()
     log.info(
@@ -169,10 +166,10 @@ def poll_batch(
         size,
         elapsed,
         len(records),
-        changed,
-        extra=_fields(batch, size, elapsed, items=len(records), changed=changed),
+        completed.changed,
+        extra=_fields(batch, size, elapsed, items=len(records), changed=completed.changed),
     )
-    return PollResult(Outcome.DONE, size, len(records), changed)
+    return PollResult(Outcome.DONE, size, len(records), completed.changed)
 
 
 def _count_permit(account: str, permit: Permit) -> None:

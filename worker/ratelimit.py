@@ -209,19 +209,20 @@ class RateLimiter:
         policy = self.policy
         started = time.monotonic()
         deadline = started + max_wait_seconds
-        horizon_us = int(policy.horizon_seconds * 1e6)
         retimed: list[str] = []
         recovered = False
         while True:
+            # A slot is taken only if it comes within the horizon and before the deadline.
+            reach = min(policy.horizon_seconds, max(deadline - time.monotonic(), 0.0))
             granted, wait_us, slot_us, epoch, rate_millis, back = self._reserve(
-                keys=[_STATE_PREFIX + budget], args=[policy.max_rate, horizon_us]
+                keys=[_STATE_PREFIX + budget], args=[policy.max_rate, int(reach * 1e6)]
             )
             recovered = recovered or bool(back)
             wait = wait_us / 1e6
             if not granted:
                 # Back in the line: ask again when our turn is about half a horizon away.
-                nap = wait - policy.horizon_seconds / 2
-                if time.monotonic() + nap > deadline:
+                nap = max(wait - policy.horizon_seconds / 2, 0.001)
+                if time.monotonic() + wait > deadline:
                     return None
                 time.sleep(nap)
                 continue

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from datetime import timedelta
 
+import orjson
 from sqlalchemy import Connection, Engine, create_engine, text
 
 from worker.merge import (
@@ -293,17 +294,6 @@ _LOAD_BATCH = text(
     """
 )
 
-_FINISH_BATCH_ROWS = text(
-    """
-    UPDATE messages
-    SET poll_count = poll_count + 1, last_polled_at = now(), lease_id = NULL,
-        next_poll_at = now() + make_interval(
-            secs => LEAST(:base * power(2, LEAST(poll_count, 30)), :max_interval))
-    WHERE ref_id IN (SELECT jsonb_array_elements_text(CAST(:ref_ids AS jsonb)))
-      AND lease_id = :id AND state = 'pending'
-    """
-)
-
 _RELEASE_BATCH_ROWS = text(
     """
     UPDATE messages
@@ -334,28 +324,38 @@ def load_batch(conn: Connection, batch_id: uuid.UUID, min_remaining_seconds: flo
     return batch
 
 
+@dataclass(frozen=True)
+class Completed:
+    """What finishing a batch did: rows whose data changed, and rows made final by state."""
+
+    changed: int
+    resolved: dict[str, int]
+
+
 def complete_batch(
     conn: Connection, batch: Batch, records: Sequence[CallbackRecord], settings: Settings
-) -> int:
-    """After a successful answer: back off the batch's rows, merge what came, end the lease.
+) -> Completed:
+    """After a successful answer, in one statement: back off the batch's rows, merge what came
+    (one history row per changed row), end the lease.
 
-    Items for RefIds this batch did not ask for are ignored. Returns how many rows changed data.
+    Items for RefIds this batch did not ask for are ignored.
     """
-    conn.execute(
-        _FINISH_BATCH_ROWS,
+    asked = set(batch.ref_ids)
+    row = conn.execute(
+        _COMPLETE_BATCH,
         {
             "id": batch.id,
-            "ref_ids": json.dumps(batch.ref_ids),
+            "ref_ids": _json(batch.ref_ids),
+            "records": _json(_merge_rows(record for record in records if record.ref_id in asked)),
             "base": settings.poll_interval_seconds,
             "max_interval": settings.poll_max_interval_seconds,
         },
-    )
-    asked = set(batch.ref_ids)
-    changed = merge_callbacks(
-        conn, [record for record in records if record.ref_id in asked], batch_id=batch.id
-    )
-    conn.execute(_DELETE_BATCH, {"id": batch.id})
-    return changed
+    ).one()
+    changed, *by_state = row
+    resolved = {
+        state: count for state, count in zip(_POLL_FINAL_STATES, by_state, strict=True) if count
+    }
+    return Completed(changed, resolved)
 
 
 _TAKE_BATCH = text(
@@ -415,6 +415,7 @@ _RECORDSET_COLUMNS = ", ".join(
     ["ref_id text", "rank int"] + [f"{name} {kind}" for name, kind in _MERGED_COLUMNS.items()]
 )
 _RECORD_FIELDS = {field.name for field in fields(CallbackRecord)}
+_RECORD_COLUMNS = [name for name in _MERGED_COLUMNS if name in _RECORD_FIELDS]
 _SET_FIELDS = ", ".join(f"{name} = v.{name}" for name in _MERGED_COLUMNS)
 _DATA_COLUMNS = ", ".join(f"m.{name}" for name in _MERGED_COLUMNS)
 _NEW_DATA = ", ".join(f"v.{name}" for name in _MERGED_COLUMNS)
@@ -451,6 +452,74 @@ _MERGE = text(
 )
 
 
+_POLL_FINAL_STATES = tuple(sorted(FINAL_STATES - {State.EXPIRED}))
+_OLD_DATA = ", ".join(f"o.{name}" for name in _MERGED_COLUMNS)
+_IS_FINAL = f"x.state IN ({_FINAL_LIST})"
+
+# A poll's answer in one statement, one new version of each row. `x` locks the batch's pending
+# rows (in key order, as every writer here does, so two writers cannot deadlock) and decides per
+# row whether this batch leased it (`mine`: poll bookkeeping and backoff) and whether the answer
+# moves its data forward (`apply`: the merge rules). Locking first means `apply` is judged on the
+# row as it is when locked, even if a push changed it since this statement's snapshot.
+_COMPLETE_BATCH = text(
+    f"""
+    WITH x AS (
+        SELECT a.ref_id, o.lease_id IS NOT DISTINCT FROM CAST(:id AS uuid) AS mine,
+               o.state AS old_state, o.send_status AS old_send_status,
+               (v.ref_id IS NOT NULL AND v.rank >= {sql_status_rank("o.send_status")}
+                AND ({_OLD_DATA}) IS DISTINCT FROM ({_NEW_DATA})) AS apply,
+               {", ".join(f"v.{name}" for name in _MERGED_COLUMNS)}
+        FROM jsonb_array_elements_text(CAST(:ref_ids AS jsonb)) AS a(ref_id)
+        JOIN messages AS o ON o.ref_id = a.ref_id
+        LEFT JOIN jsonb_to_recordset(CAST(:records AS jsonb)) AS v({_RECORDSET_COLUMNS})
+               ON v.ref_id = a.ref_id
+        WHERE o.state = 'pending'
+        ORDER BY a.ref_id
+        FOR UPDATE OF o
+    ), changed AS (
+        UPDATE messages AS m
+        SET {
+        ", ".join(
+            f"{name} = CASE WHEN x.apply THEN x.{name} ELSE m.{name} END"
+            for name in _MERGED_COLUMNS
+        )
+    },
+            poll_count = m.poll_count + CASE WHEN x.mine THEN 1 ELSE 0 END,
+            last_polled_at = CASE WHEN x.mine THEN now() ELSE m.last_polled_at END,
+            resolved_at = CASE WHEN x.apply AND {_IS_FINAL} THEN now() ELSE m.resolved_at END,
+            next_poll_at = CASE
+                WHEN x.apply AND {_IS_FINAL} THEN NULL
+                WHEN x.mine THEN now() + make_interval(
+                    secs => LEAST(:base * power(2, LEAST(m.poll_count, 30)), :max_interval))
+                ELSE m.next_poll_at END,
+            lease_id = CASE WHEN x.mine OR (x.apply AND {_IS_FINAL}) THEN NULL
+                            ELSE m.lease_id END,
+            updated_at = CASE WHEN x.apply THEN now() ELSE m.updated_at END
+        FROM x
+        WHERE m.ref_id = x.ref_id AND (x.mine OR x.apply)
+        RETURNING x.ref_id, x.apply, x.old_state, m.state AS new_state, x.old_send_status,
+                  m.send_status AS new_send_status, m.error_code
+    ), history AS (
+        INSERT INTO message_history (ref_id, source, batch_id, old_state, new_state,
+                                     old_send_status, new_send_status, error_code)
+        SELECT ref_id, 'poll', CAST(:id AS uuid), old_state, new_state,
+               old_send_status, new_send_status, error_code
+        FROM changed WHERE apply
+    ), lease AS (
+        DELETE FROM poll_batches WHERE id = CAST(:id AS uuid)
+    )
+    SELECT count(*) FILTER (WHERE apply),
+           {
+        ", ".join(
+            f"count(*) FILTER (WHERE apply AND new_state = '{state}')"
+            for state in _POLL_FINAL_STATES
+        )
+    }
+    FROM changed
+    """
+)
+
+
 def merge_callbacks(
     conn: Connection,
     records: Sequence[CallbackRecord],
@@ -464,12 +533,22 @@ def merge_callbacks(
     `source` of the data ("poll", "push") and the poll batch it came from. Returns the number of
     rows whose data changed.
     """
-    chosen = most_advanced(records)
-    if not chosen:
+    rows = _merge_rows(records)
+    if not rows:
         return 0
+    params = {
+        "records": _json(rows),
+        "source": source,
+        "batch_id": str(batch_id) if batch_id else None,
+    }
+    return conn.execute(_MERGE, params).rowcount
+
+
+def _merge_rows(records: Iterable[CallbackRecord]) -> list[dict]:
+    """The most advanced record of each SMSID as a row of the merge's JSON recordset."""
     rows = []
-    for record in chosen:
-        row = {name: getattr(record, name) for name in _MERGED_COLUMNS if name in _RECORD_FIELDS}
+    for record in most_advanced(records):
+        row = {name: getattr(record, name) for name in _RECORD_COLUMNS}
         if record.total_price is not None:
             row["total_price"] = str(record.total_price)
         row.update(
@@ -479,12 +558,11 @@ def merge_callbacks(
             state=derive_state(record).value,
         )
         rows.append(row)
-    params = {
-        "records": json.dumps(rows),
-        "source": source,
-        "batch_id": str(batch_id) if batch_id else None,
-    }
-    return conn.execute(_MERGE, params).rowcount
+    return rows
+
+
+def _json(value: object) -> str:
+    return orjson.dumps(value).decode()
 
 
 # --- the push receiver ------------------------------------------------------------------------
@@ -690,23 +768,6 @@ def an_oa_of(conn: Connection, account: str) -> str | None:
 
 
 # --- metrics (worker.metrics) -----------------------------------------------------------------
-
-_RESOLVED_IN_THIS_TRANSACTION = text(
-    """
-    SELECT state, count(*) FROM messages
-    WHERE ref_id IN (SELECT jsonb_array_elements_text(CAST(:ref_ids AS jsonb)))
-      AND state <> 'pending' AND resolved_at = now()
-    GROUP BY state
-    """
-)
-
-
-def resolved_in_this_transaction(conn: Connection, ref_ids: Sequence[str]) -> dict[str, int]:
-    """How many of `ref_ids` this transaction made final, by state: the merge stamps
-    `resolved_at` with `now()`, which is the transaction's start time (primary-key lookups)."""
-    params = {"ref_ids": json.dumps(list(ref_ids))}
-    return {state: count for state, count in conn.execute(_RESOLVED_IN_THIS_TRANSACTION, params)}
-
 
 _PENDING_BACKLOG = text(
     """

@@ -14,7 +14,7 @@ from tests.processes import start_emulator
 from worker import poller, scheduler, store
 from worker.cooloff import CoolOffs, account_scope
 from worker.esms_client import EsmsClient
-from worker.ratelimit import RateLimiter
+from worker.ratelimit import RateLimiter, RatePolicy
 
 pytestmark = pytest.mark.integration
 
@@ -40,6 +40,11 @@ def emulator(tmp_path_factory):
     children.stop_all()
 
 
+def shared_limiter(settings):
+    client = redis.Redis.from_url(settings.redis_url.get_secret_value())
+    return RateLimiter(client, RatePolicy.from_settings(settings))
+
+
 @pytest.fixture
 def poll(engine, make_settings, emulator):
     emulator.admin("POST", "/reset")
@@ -50,7 +55,10 @@ def poll(engine, make_settings, emulator):
     )
     settings = make_settings(esms_base_url=emulator.url, esms_timeout_seconds=1)
     client = EsmsClient(settings.esms_base_url, settings.esms_timeout_seconds)
-    limiter = RateLimiter(redis.Redis.from_url(settings.redis_url.get_secret_value()), 19)
+    limiter = RateLimiter(
+        redis.Redis.from_url(settings.redis_url.get_secret_value()),
+        RatePolicy.from_settings(settings),
+    )
     cooloffs = CoolOffs(redis.Redis.from_url(settings.redis_url.get_secret_value()))
 
     def run(ref_ids, *, oa_id="oa-1", **overrides):
@@ -161,14 +169,22 @@ def test_wrong_keys_change_no_data_and_pause_the_account(
     assert cooloffs.paused([account_scope("default")]) == set()
 
 
-def test_rate_limited_answer_pushes_the_budget_back(poll, emulator, make_settings):
+def test_rate_limited_answer_cuts_the_shared_rate(poll, emulator, make_settings, caplog):
     emulator.admin("POST", "/config", json={"fault_code_rate": 1.0, "fault_codes": [160]})
-    result = poll(["d1"])
+    with caplog.at_level("WARNING", logger="worker.poller"):
+        result = poll(["d1"])
     assert result.outcome is poller.Outcome.FAILED and "160" in result.reason
     settings = make_settings()
-    limiter = RateLimiter(redis.Redis.from_url(settings.redis_url.get_secret_value()), 19)
-    reservation = limiter.reserve(settings.accounts["default"].limiter_key, 5)
-    assert reservation.wait_seconds > 0.5
+    limiter = RateLimiter(
+        redis.Redis.from_url(settings.redis_url.get_secret_value()),
+        RatePolicy.from_settings(settings),
+    )
+    # Every worker now waits out the provider's window, then sends at the lower rate.
+    permit = limiter.acquire(settings.accounts["default"].limiter_key, 5)
+    assert permit.wait_seconds > 0.5
+    assert permit.rate == pytest.approx(settings.effective_rate_per_second * 0.7, abs=0.5)
+    cuts = [r.getMessage() for r in caplog.records if "rate cut" in r.getMessage()]
+    assert len(cuts) == 1 and "19.2/s to 13.4/s" in cuts[0]
 
 
 def test_stale_batch_sends_nothing(engine, make_settings, emulator):
@@ -183,7 +199,10 @@ def test_stale_batch_sends_nothing(engine, make_settings, emulator):
         # A lease too short to cover the wait, the request and the write.
         store.lease_batches(conn, "default", [batch], 3)
     client = EsmsClient(settings.esms_base_url, 1)
-    limiter = RateLimiter(redis.Redis.from_url(settings.redis_url.get_secret_value()), 19)
+    limiter = RateLimiter(
+        redis.Redis.from_url(settings.redis_url.get_secret_value()),
+        RatePolicy.from_settings(settings),
+    )
     cooloffs = CoolOffs(redis.Redis.from_url(settings.redis_url.get_secret_value()))
     result = poller.poll_batch(
         batch.id, settings=settings, engine=engine, client=client, limiter=limiter,
@@ -212,7 +231,10 @@ def test_code_105_splits_until_the_refid_not_found_is_alone(engine, make_setting
         "POST", "/config", json={**quiet, "auto_register": False, "not_found_code": True}
     )
     client = EsmsClient(settings.esms_base_url, 2)
-    limiter = RateLimiter(redis.Redis.from_url(settings.redis_url.get_secret_value()), 19)
+    limiter = RateLimiter(
+        redis.Redis.from_url(settings.redis_url.get_secret_value()),
+        RatePolicy.from_settings(settings),
+    )
     cooloffs = CoolOffs(redis.Redis.from_url(settings.redis_url.get_secret_value()))
     try:
         with engine.begin() as conn:
