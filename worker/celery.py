@@ -14,14 +14,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from celery import Celery
-from celery.signals import (
-    after_setup_logger,
-    after_setup_task_logger,
-    worker_init,
-    worker_process_shutdown,
-    worker_ready,
-    worker_shutdown,
-)
+from celery.signals import after_setup_logger, after_setup_task_logger, worker_ready
 from celery.utils.log import get_multiprocessing_logger
 from kombu import Queue
 from kombu.transport import redis as kombu_redis
@@ -133,22 +126,6 @@ def _task_log_format(logger, **_kwargs) -> None:
     logging_setup.install(logger, settings)
 
 
-@worker_init.connect
-def _metrics_files(**_kwargs) -> None:
-    # Main process, before the pool forks: the pool processes must inherit the files' directory.
-    metrics.prepare(settings)
-
-
 @worker_ready.connect
 def _metrics_endpoint(**_kwargs) -> None:
     metrics.serve(settings)
-
-
-@worker_process_shutdown.connect
-def _metrics_process_exit(pid: int, **_kwargs) -> None:
-    metrics.process_exited(pid)
-
-
-@worker_shutdown.connect
-def _metrics_cleanup(**_kwargs) -> None:
-    metrics.cleanup()

@@ -1,12 +1,9 @@
-"""Prometheus metrics: what the pool processes count, served by the worker's main process.
+"""Prometheus metrics of a `celery worker`, served by the worker's own process.
 
-A `celery worker` is one main process and a prefork pool; the polls run in the pool. So the
-metrics use prometheus-client's multiprocess mode: at worker start (`prepare`, before the pool
-forks) the main process makes a private directory for the pool's counter files, removing those of
-workers that died without cleaning up; `serve` then answers
-`http://METRICS_HOST:METRICS_PORT/metrics` with the sum over all of them, `process_exited` does
-the bookkeeping for a pool process that ends, and `cleanup` removes the directory at shutdown.
-`METRICS_PORT=0` turns all of it off; the counters then stay in each process's memory.
+Every poll and scheduler tick of a worker runs in its one process (greenlets of the gevent
+pool, worker.green), so the counters live in that process's default registry and `serve`
+answers `http://METRICS_HOST:METRICS_PORT/metrics` from a thread of it. `METRICS_PORT=0` turns
+the endpoint off.
 
 Labels carry account names, result codes, error kinds and states: never keys, OAIds or RefIds.
 The backlog gauges are read from Postgres by the scheduler tick (`refresh_backlog`) every
@@ -15,13 +12,9 @@ The backlog gauges are read from Postgres by the scheduler tick (`refresh_backlo
 
 from __future__ import annotations
 
-import glob
 import logging
-import os
-import shutil
-import tempfile
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess, values
+from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client import start_http_server as _start_http_server
 from sqlalchemy import Engine
 
@@ -32,11 +25,7 @@ from worker.settings import Settings
 log = logging.getLogger(__name__)
 
 BACKLOG_REFRESH_SECONDS = 10.0
-_DIR_PREFIX = "esms-metrics-"
 
-# Every metric has labels on purpose: a labelled metric creates its storage at `.labels()`, in
-# the pool process, after `prepare` switched prometheus-client to files. (It picks its storage
-# class when first imported, which Celery does before any worker signal.)
 REQUESTS = Counter(
     "esms_requests_total",
     "GetCallback requests by account and result: the provider's Code, or the error kind",
@@ -58,7 +47,6 @@ RATE_PER_SECOND = Gauge(
     "esms_rate_per_second",
     "Requests per second the ApiKey's shared limiter allows now (lower after Code 160)",
     ["account"],
-    multiprocess_mode="mostrecent",
 )
 RATE_CUTS = Counter(
     "esms_rate_cuts_total",
@@ -89,22 +77,16 @@ TICKS = Counter(
 BATCHES_QUEUED = Counter(
     "esms_batches_queued_total", "Batches the scheduler claimed and queued", ["account"]
 )
-# `mostrecent`: the value of whichever pool process refreshed last, not a sum over processes.
 BACKLOG_PENDING = Gauge(
     "esms_backlog_pending",
     "Pending messages of a configured account",
     ["account"],
-    multiprocess_mode="mostrecent",
 )
 BACKLOG_OLDEST_AGE = Gauge(
     "esms_backlog_oldest_pending_age_seconds",
     "Age of the account's oldest pending message (0 when none is pending)",
     ["account"],
-    multiprocess_mode="mostrecent",
 )
-
-_state: dict[str, str] = {}
-
 
 def request_result(error: ProviderError | None) -> str:
     """The `result` label: "100" for an answer, the provider's Code, else the error's kind."""
@@ -117,67 +99,20 @@ def request_result(error: ProviderError | None) -> str:
     return "".join(f"_{c.lower()}" if c.isupper() else c for c in name).lstrip("_")
 
 
-def prepare(settings: Settings) -> str | None:
-    """In the worker's main process, before the pool forks: count into files from now on."""
-    if settings.metrics_port == 0:
-        return None
-    _remove_orphans()
-    path = tempfile.mkdtemp(prefix=f"{_DIR_PREFIX}{os.getpid()}-")
-    # The pool inherits the environment at fork; prometheus-client looks the directory up there.
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
-    values.ValueClass = values.MultiProcessValue()
-    _state["path"] = path
-    return path
-
-
-def _remove_orphans() -> None:
-    """Remove the directories of workers that died without their shutdown (SIGKILL, OOM)."""
-    for path in glob.glob(os.path.join(tempfile.gettempdir(), f"{_DIR_PREFIX}*-*")):
-        pid = os.path.basename(path)[len(_DIR_PREFIX) :].split("-", 1)[0]
-        if not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(path, ignore_errors=True)
-        except PermissionError:
-            pass  # alive, another user's
-
-
 def serve(settings: Settings) -> None:
-    """Answer /metrics from the main process. A port already taken is logged, not fatal: the
+    """Answer /metrics from this process. A port already taken is logged, not fatal: the
     worker's job is polling, and the metrics are only a view of it."""
-    path = _state.get("path")
-    if path is None:
+    if settings.metrics_port == 0:
         return
-    registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry, path=path)
     try:
-        _start_http_server(settings.metrics_port, addr=settings.metrics_host, registry=registry)
+        _start_http_server(settings.metrics_port, addr=settings.metrics_host)
     except OSError as exc:
         log.error(
             "metrics: cannot listen on %s:%d (%s); set METRICS_PORT to a free port, or 0",
             settings.metrics_host, settings.metrics_port, exc.strerror or exc,
         )  # fmt: skip
         return
-    log.info(
-        "metrics on http://%s:%d/metrics (files in %s)",
-        settings.metrics_host, settings.metrics_port, path,
-    )  # fmt: skip
-
-
-def process_exited(pid: int) -> None:
-    """A pool process ends: its counters stay (they are totals), its live gauges go."""
-    path = _state.get("path")
-    if path is not None:
-        multiprocess.mark_process_dead(pid, path)
-
-
-def cleanup() -> None:
-    """At worker shutdown, after the pool stopped: the files die with the worker."""
-    path = _state.pop("path", None)
-    if path is not None:
-        shutil.rmtree(path, ignore_errors=True)
+    log.info("metrics on http://%s:%d/metrics", settings.metrics_host, settings.metrics_port)
 
 
 def refresh_backlog(engine: Engine, settings: Settings) -> None:

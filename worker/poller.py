@@ -64,7 +64,7 @@ def poll_batch(
 ) -> PollResult:
     """Poll one leased batch. `enqueue` queues batches this poll makes (the halves of a batch
     the provider answered Code 105); without it such a batch is released instead."""
-    with engine.begin() as conn:
+    with store.single_statements(engine) as conn:
         batch = store.load_batch(conn, batch_id, settings.lease_min_remaining_seconds)
     if batch is None:
         metrics.BATCHES.labels(Outcome.STALE).inc()
@@ -151,7 +151,7 @@ def poll_batch(
     elapsed = time.monotonic() - started
     metrics.REQUESTS.labels(batch.account, metrics.request_result(None)).inc()
     metrics.REQUEST_SECONDS.labels(batch.account).observe(elapsed)
-    with engine.begin() as conn:
+    with store.single_statements(engine) as conn:
         completed = store.complete_batch(conn, batch, records, settings)
     # After the commit: the answer is safe in Postgres even if Redis is away for this call.
     cooloffs.clear(account_scope(batch.account), oa_scope(batch.account, batch.oa_id))
@@ -234,5 +234,5 @@ def _fields(batch: store.Batch, size: int, duration: float | None = None, **more
 
 
 def _release(engine: Engine, batch: store.Batch, delay_seconds: float) -> None:
-    with engine.begin() as conn:
+    with store.single_statements(engine) as conn:
         store.release_batch(conn, batch, delay_seconds)
