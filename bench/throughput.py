@@ -1,4 +1,4 @@
-"""Throughput benchmark: drain a backlog at the provider's full rate, counted where the provider counts.
+"""Throughput benchmark: drain a backlog at the provider's full rate, counted where it counts.
 
 Builds a fresh database `esms_bench` holding final rows and a backlog of pending ones per busy
 account (all due, every callback already final at the emulator), starts the emulator with
@@ -9,7 +9,8 @@ emulator's request log (arrival times, Codes) and /proc:
 - RefIds resolved per second from the first request to the last, as a fraction of the physical
   ceiling (provider limit × 200 RefIds per busy account);
 - the most requests of any ApiKey that arrived in any 1 s window (every request, refused or not),
-  and the Code 160 answers;
+  and the Code 160 answers; with `tcpdump` installed also the most POSTs (all keys together)
+  that crossed the loopback interface in any 1 s window, from the kernel's timestamps;
 - seconds from starting the worker(s) to the first request at the emulator;
 - the peak PSS of the worker process tree(s), sampled every 0.5 s;
 - worker and Postgres CPU per final RefId, from /proc between the first request and the drain
@@ -38,21 +39,33 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import signal
 import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import psycopg
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchdb import PG_SERVER, drop_database, fresh_database  # noqa: E402
 
-from tests.processes import Children, celery, child_env, start_emulator, wait_for  # noqa: E402
+from tests.processes import (  # noqa: E402
+    Children,
+    celery,
+    child_env,
+    free_port,
+    start_emulator,
+    wait_for,
+)
 from worker.emulator.ratelimit import max_in_window  # noqa: E402
 
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/11")
@@ -208,6 +221,43 @@ class Sampler(threading.Thread):
         return before[-1] if before else self.samples[0]
 
 
+def start_wire_capture(children: Children, port: int):
+    """`tcpdump` on lo printing one line per TCP segment to the emulator that starts with "POST"
+    (kernel timestamps); None when tcpdump is not installed."""
+    tcpdump = shutil.which("tcpdump")
+    if tcpdump is None:
+        return None
+    post = "tcp[((tcp[12:1] & 0xf0) >> 2):4] = 0x504f5354"
+    argv = [tcpdump, "-i", "lo", "-tt", "-n", "-l", "-U", f"tcp dst port {port} and {post}"]
+    child = children.spawn("tcpdump", argv, child_env())
+    time.sleep(1.0)  # tcpdump needs a moment before it captures
+    return child
+
+
+def wire_times(child) -> list[float]:
+    times = []
+    for line in child.log().splitlines():
+        head = line.split(" ", 1)[0]
+        if head.replace(".", "", 1).isdigit():
+            times.append(float(head))
+    return sorted(times)
+
+
+def retimed_sends(port: int) -> Counter:
+    """The worker's own count of rate slots it gave up before sending, by reason (a diagnosis:
+    the rate itself is counted at the emulator and on the wire)."""
+    found: Counter = Counter()
+    try:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    except httpx.HTTPError:
+        return found
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "esms_sends_retimed_total":
+                found[sample.labels["reason"]] += int(sample.value)
+    return found
+
+
 def start_hogs(children: Children, count: int = 2) -> None:
     for index in range(count):
         children.spawn(f"hog-{index}", [sys.executable, "-c", "while True: pass"], child_env())
@@ -238,6 +288,7 @@ def run(name: str, scenario: Scenario, backlog: int, final_rows: int) -> dict:
             if scenario.count_refused:
                 flags.append("--count-refused")
             emulator = start_emulator(children, *flags)
+            wire = start_wire_capture(children, int(emulator.url.rsplit(":", 1)[1]))
             default_key, default_secret = keys["default"]
             others = {
                 account: {"api_key": api_key, "secret_key": secret}
@@ -255,6 +306,7 @@ def run(name: str, scenario: Scenario, backlog: int, final_rows: int) -> dict:
             if scenario.hog:
                 start_hogs(children)
             celery_bin = str(Path(sys.executable).parent / "celery")
+            metric_ports = [free_port() for _ in range(scenario.workers)]
             started = time.time()
             workers = [
                 children.spawn(
@@ -268,7 +320,7 @@ def run(name: str, scenario: Scenario, backlog: int, final_rows: int) -> dict:
                         "-n",
                         f"w{index}@%h",
                     ],
-                    env,
+                    {**env, "METRICS_PORT": str(metric_ports[index])},
                 )
                 for index in range(scenario.workers)
             ]
@@ -286,6 +338,11 @@ def run(name: str, scenario: Scenario, backlog: int, final_rows: int) -> dict:
             sampler.join()
             sampler.take()
             log = emulator.admin("GET", "/requests", params={"refids": 0})["requests"]
+            retimed = sum((retimed_sends(port) for port in metric_ports), Counter())
+            wire_stamps = None
+            if wire is not None:
+                wire.stop(signal.SIGINT)
+                wire_stamps = wire_times(wire)
             for worker in workers:
                 if worker.proc.poll() is not None:
                     raise RuntimeError(f"worker exited: {worker.log()[-3000:]}")
@@ -317,6 +374,9 @@ def run(name: str, scenario: Scenario, backlog: int, final_rows: int) -> dict:
         for account, (api_key, _) in keys.items()
         if account in busy
     }
+    result["slots_given_up_before_sending"] = dict(retimed)
+    if wire_stamps:
+        result["max_posts_in_any_1s_window_on_wire"] = max_in_window(wire_stamps, 1.0)
     result.update(
         {
             "backlog_per_account": backlog,

@@ -8,7 +8,7 @@ only inside the request body and never reaches a log line, an exception or a rep
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from decimal import Decimal
 
 import httpx
@@ -53,16 +53,24 @@ class EsmsClient:
         self._http.close()
 
     def get_callback(
-        self, account: Account, oa_id: str, ref_ids: Sequence[str]
+        self,
+        account: Account,
+        oa_id: str,
+        ref_ids: Sequence[str],
+        before_send: Callable[[], object] | None = None,
     ) -> list[CallbackRecord]:
+        """`before_send` runs when the connection is ready and the request's first byte is
+        about to be written (the rate limiter's last word); whatever it raises ends the call
+        with nothing sent."""
         body = {
             "ApiKey": account.api_key.get_secret_value(),
             "SecretKey": account.secret_key.get_secret_value(),
             "ListRefid": list(ref_ids),
             "OAId": oa_id,
         }
+        extensions = {"trace": _call_before_headers(before_send)} if before_send else None
         try:
-            response = self._http.post(self._url, json=body)
+            response = self._http.post(self._url, json=body, extensions=extensions)
         except httpx.TimeoutException as exc:
             raise ProviderUnavailable(f"timeout ({type(exc).__name__})") from None
         except httpx.HTTPError as exc:
@@ -75,6 +83,17 @@ class EsmsClient:
             exc.reason = _redact(exc.reason, body["ApiKey"], body["SecretKey"])
             exc.args = (exc.reason,)
             raise
+
+
+def _call_before_headers(before_send: Callable[[], object]) -> Callable[[str, dict], None]:
+    """An httpcore trace callback that runs `before_send` as the request headers are about to
+    be written: after any connecting, with nothing left between it and the socket."""
+
+    def trace(event: str, _info: dict) -> None:
+        if event == "http11.send_request_headers.started":
+            before_send()
+
+    return trace
 
 
 def _redact(text: str, *secrets: str) -> str:

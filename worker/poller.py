@@ -25,7 +25,7 @@ from worker import metrics, store
 from worker.cooloff import CoolOffs, account_scope, oa_scope
 from worker.errors import AccountRejected, OARejected, ProviderError, RateLimited, RefIdsNotFound
 from worker.esms_client import EsmsClient
-from worker.ratelimit import INCREASE_PER_SECOND, Permit, RateLimiter
+from worker.ratelimit import INCREASE_PER_SECOND, RateLimiter, Slot, SlotRefused
 from worker.settings import MAX_LIMITER_WAIT_SECONDS, Settings
 
 log = logging.getLogger(__name__)
@@ -85,69 +85,51 @@ def poll_batch(
         )  # fmt: skip
         return PollResult(Outcome.UNKNOWN_ACCOUNT, size, reason="account not configured")
 
-    permit = limiter.acquire(account.limiter_key, MAX_LIMITER_WAIT_SECONDS)
-    if permit is None:
-        _release(engine, batch, 0)
-        metrics.BATCHES.labels(Outcome.NO_SLOT).inc()
-        log.info(
-            "account=%s oa=%s size=%d: no rate slot within %.0fs, batch released",
-            batch.account,
-            batch.oa_id,
-            size,
-            MAX_LIMITER_WAIT_SECONDS,
-            extra=_fields(batch, size, reason="no rate slot"),
-        )
-        return PollResult(Outcome.NO_SLOT, size)
-    _count_permit(batch.account, permit)
+    waiting_since = time.monotonic()
+    deadline = waiting_since + MAX_LIMITER_WAIT_SECONDS
+    while True:
+        slot = limiter.wait_for_slot(account.limiter_key, deadline - time.monotonic())
+        if slot is None:
+            _release(engine, batch, 0)
+            metrics.BATCHES.labels(Outcome.NO_SLOT).inc()
+            log.info(
+                "account=%s oa=%s size=%d: no rate slot within %.0fs, batch released",
+                batch.account, batch.oa_id, size, MAX_LIMITER_WAIT_SECONDS,
+                extra=_fields(batch, size, reason="no rate slot"),
+            )  # fmt: skip
+            return PollResult(Outcome.NO_SLOT, size)
+        _count_slot(batch.account, slot, time.monotonic() - waiting_since)
 
-    # Checked with the slot in hand, right before sending: batches queued before a sibling batch
-    # was refused must not each spend a request the provider will refuse too.
-    paused_for = cooloffs.remaining(
-        account_scope(batch.account), oa_scope(batch.account, batch.oa_id)
-    )
-    if paused_for > 0:
-        _release(engine, batch, paused_for)
-        metrics.BATCHES.labels(Outcome.PAUSED).inc()
-        log.info(
-            "account=%s oa=%s size=%d: cooling off for %.0fs after a refusal, batch released",
-            batch.account, batch.oa_id, size, paused_for,
-            extra=_fields(batch, size, reason="cooling off"),
-        )  # fmt: skip
-        return PollResult(Outcome.PAUSED, size, reason="cooling off")
-
-    started = time.monotonic()
-    try:
-        records = client.get_callback(account, batch.oa_id, batch.ref_ids)
-    except ProviderError as exc:
-        elapsed = time.monotonic() - started
-        metrics.REQUESTS.labels(batch.account, metrics.request_result(exc)).inc()
-        metrics.REQUEST_SECONDS.labels(batch.account).observe(elapsed)
-        if isinstance(exc, RateLimited):
-            _slow_down(limiter, account.limiter_key, batch.account, permit)
-            delay = RATE_LIMITED_RETRY_SECONDS
-        elif isinstance(exc, AccountRejected):
-            delay = cooloffs.pause(account_scope(batch.account), exc.reason)
-        elif isinstance(exc, OARejected):
-            delay = cooloffs.pause(oa_scope(batch.account, batch.oa_id), exc.reason)
-        else:
-            delay = settings.poll_interval_seconds
-        then = ""
-        if isinstance(exc, RefIdsNotFound):
-            then = _not_found(engine, batch, settings, enqueue)
-        if not then:
-            _release(engine, batch, delay)
-        metrics.BATCHES.labels(Outcome.FAILED).inc()
-        log.warning(
-            "account=%s oa=%s size=%d duration=%.3fs: request failed: %s%s",
-            batch.account,
-            batch.oa_id,
-            size,
-            elapsed,
-            exc.reason,
-            then,
-            extra=_fields(batch, size, elapsed, reason=exc.reason),
+        # Checked with the slot in hand, right before sending: batches queued before a sibling
+        # batch was refused must not each spend a request the provider will refuse too.
+        paused_for = cooloffs.remaining(
+            account_scope(batch.account), oa_scope(batch.account, batch.oa_id)
         )
-        return PollResult(Outcome.FAILED, size, reason=exc.reason)
+        if paused_for > 0:
+            _release(engine, batch, paused_for)
+            metrics.BATCHES.labels(Outcome.PAUSED).inc()
+            log.info(
+                "account=%s oa=%s size=%d: cooling off for %.0fs after a refusal, batch released",
+                batch.account, batch.oa_id, size, paused_for,
+                extra=_fields(batch, size, reason="cooling off"),
+            )  # fmt: skip
+            return PollResult(Outcome.PAUSED, size, reason="cooling off")
+
+        # The limiter has the last word as the request's first byte is about to leave.
+        sent_at: list[int] = []
+        started = time.monotonic()
+        try:
+            records = client.get_callback(
+                account, batch.oa_id, batch.ref_ids, before_send=_confirming(limiter, slot, sent_at)
+            )
+            break
+        except SlotRefused as refused:
+            metrics.SENDS_RETIMED.labels(batch.account, refused.reason).inc()
+            continue
+        except ProviderError as exc:
+            elapsed = time.monotonic() - started
+            sent = sent_at[0] if sent_at else None
+            return _failed(exc, elapsed, batch, settings, engine, limiter, cooloffs, enqueue, sent)
     elapsed = time.monotonic() - started
     metrics.REQUESTS.labels(batch.account, metrics.request_result(None)).inc()
     metrics.REQUEST_SECONDS.labels(batch.account).observe(elapsed)
@@ -172,21 +154,72 @@ def poll_batch(
     return PollResult(Outcome.DONE, size, len(records), completed.changed)
 
 
-def _count_permit(account: str, permit: Permit) -> None:
-    metrics.LIMITER_WAIT_SECONDS.labels(account).observe(permit.wait_seconds)
-    metrics.RATE_PER_SECOND.labels(account).set(permit.rate)
-    for reason in permit.retimed:
-        metrics.SENDS_RETIMED.labels(account, reason).inc()
-    if permit.recovered:
+def _failed(
+    exc: ProviderError,
+    elapsed: float,
+    batch: store.Batch,
+    settings: Settings,
+    engine: Engine,
+    limiter: RateLimiter,
+    cooloffs: CoolOffs,
+    enqueue: Callable[[Sequence[store.Batch]], None] | None,
+    sent_at_us: int | None,
+) -> PollResult:
+    """A request that got no usable answer: count it, react to what the provider said (rate
+    cut, cool-off, split), release the batch, one log line."""
+    size = len(batch.ref_ids)
+    metrics.REQUESTS.labels(batch.account, metrics.request_result(exc)).inc()
+    metrics.REQUEST_SECONDS.labels(batch.account).observe(elapsed)
+    if isinstance(exc, RateLimited):
+        if sent_at_us is not None:
+            budget = settings.accounts[batch.account].limiter_key
+            _slow_down(limiter, budget, batch.account, sent_at_us)
+        delay = RATE_LIMITED_RETRY_SECONDS
+    elif isinstance(exc, AccountRejected):
+        delay = cooloffs.pause(account_scope(batch.account), exc.reason)
+    elif isinstance(exc, OARejected):
+        delay = cooloffs.pause(oa_scope(batch.account, batch.oa_id), exc.reason)
+    else:
+        delay = settings.poll_interval_seconds
+    then = ""
+    if isinstance(exc, RefIdsNotFound):
+        then = _not_found(engine, batch, settings, enqueue)
+    if not then:
+        _release(engine, batch, delay)
+    metrics.BATCHES.labels(Outcome.FAILED).inc()
+    log.warning(
+        "account=%s oa=%s size=%d duration=%.3fs: request failed: %s%s",
+        batch.account,
+        batch.oa_id,
+        size,
+        elapsed,
+        exc.reason,
+        then,
+        extra=_fields(batch, size, elapsed, reason=exc.reason),
+    )
+    return PollResult(Outcome.FAILED, size, reason=exc.reason)
+
+
+def _confirming(limiter: RateLimiter, slot: Slot, sent_at: list[int]) -> Callable[[], None]:
+    def confirm() -> None:
+        sent_at.append(limiter.confirm(slot))
+
+    return confirm
+
+
+def _count_slot(account: str, slot: Slot, waited: float) -> None:
+    metrics.LIMITER_WAIT_SECONDS.labels(account).observe(waited)
+    metrics.RATE_PER_SECOND.labels(account).set(slot.rate)
+    if slot.recovered:
         log.info(
-            "account=%s: request rate back to %.1f/s", account, permit.rate,
-            extra={"account": account, "rate": permit.rate},
+            "account=%s: request rate back to %.1f/s", account, slot.rate,
+            extra={"account": account, "rate": slot.rate},
         )  # fmt: skip
 
 
-def _slow_down(limiter: RateLimiter, budget: str, account: str, permit: Permit) -> None:
+def _slow_down(limiter: RateLimiter, budget: str, account: str, sent_at_us: int) -> None:
     """Code 160: cut the ApiKey's shared rate, once per congestion event, with one log line."""
-    cut = limiter.congestion(budget, permit.sent_at_us)
+    cut = limiter.congestion(budget, sent_at_us)
     if not cut.cut:
         return
     metrics.RATE_CUTS.labels(account).inc()

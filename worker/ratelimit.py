@@ -4,8 +4,7 @@ Three Lua scripts, all on Redis's clock, so the hosts' own clocks never matter:
 
 - `reserve` is GCRA (virtual scheduling): one number per budget, the theoretical arrival time
   (TAT) of the next request; a caller takes the slot `max(TAT, now)` and moves TAT one interval
-  on. Slots are handed out at most `horizon` ahead: a caller further back in the line sleeps
-  and asks again, so a change of rate reaches the line within a second.
+  on. A caller waits for its slot at most as long as it may (`max_wait_seconds`).
 - `confirm` runs right before the request leaves. It refuses a slot that passed more than
   `late_tolerance` ago (a caller the CPU scheduler woke late would bunch with the next ones) or
   that was handed out before the last change of rate, and it keeps a moving-window log of the
@@ -67,7 +66,7 @@ local function now_us()
 end
 """
 
-# KEYS[1] state; ARGV: max_rate, horizon_us. Returns {granted, wait_us, slot_us, epoch,
+# KEYS[1] state; ARGV: max_rate, max_wait_us. Returns {granted, wait_us, slot_us, epoch,
 # rate_millis, recovered}. `recovered` is 1 for the one caller that finds the rate back to full.
 _RESERVE = (
     _CURRENT_RATE
@@ -149,7 +148,6 @@ class RatePolicy:
     window_seconds: float  # ... inside any window this long
     late_tolerance_seconds: float  # a slot that passed longer ago than this is not used
     provider_window_seconds: float = 1.0  # the window the provider counts in
-    horizon_seconds: float = 1.0  # slots are handed out at most this far ahead
 
     @classmethod
     def from_settings(cls, settings: Settings) -> RatePolicy:
@@ -172,6 +170,17 @@ class RatePolicy:
 
 
 @dataclass(frozen=True)
+class Slot:
+    """A reserved moment to send at; `confirm` turns it into a send, or refuses it."""
+
+    budget: str
+    slot_us: int
+    epoch: int
+    rate: float  # requests/s the budget allowed when the slot was taken
+    recovered: bool = False  # this caller saw the rate back to full after a cut
+
+
+@dataclass(frozen=True)
 class Permit:
     """A request may leave now. `sent_at_us` is the moment on Redis's clock the send log holds."""
 
@@ -180,6 +189,14 @@ class Permit:
     rate: float
     retimed: tuple[str, ...] = ()  # why earlier slots were given up, one entry each
     recovered: bool = False  # this caller saw the rate back to full after a cut
+
+
+class SlotRefused(Exception):
+    """`confirm` refused the slot: `reason` is one of RETIME_REASONS' values. Take a new one."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -201,50 +218,67 @@ class RateLimiter:
         self._confirm = client.register_script(_CONFIRM)
         self._congestion = client.register_script(_CONGESTION)
 
-    def acquire(self, budget: str, max_wait_seconds: float) -> Permit | None:
-        """Wait for a slot and record the send; the caller sends right after this returns.
+    def wait_for_slot(self, budget: str, max_wait_seconds: float) -> Slot | None:
+        """Take the budget's next slot and sleep until it; None when it would come later than
+        `max_wait_seconds` from now (the caller gives its work back)."""
+        granted, wait_us, slot_us, epoch, rate_millis, back = self._reserve(
+            keys=[_STATE_PREFIX + budget],
+            args=[self.policy.max_rate, int(max(max_wait_seconds, 0.0) * 1e6)],
+        )
+        if not granted:
+            return None
+        if wait_us > 0:
+            time.sleep(wait_us / 1e6)
+        return Slot(budget, slot_us, epoch, rate_millis / 1000, bool(back))
 
-        None when no slot could be had within `max_wait_seconds`: the caller gives its work back.
-        """
+    def confirm(self, slot: Slot) -> int:
+        """Record the send of `slot` in the send log, right before the request's first byte
+        leaves; the moment recorded (Redis's clock, microseconds). Raises SlotRefused when the
+        slot passed too long ago, the rate was cut since it was taken, or the log already holds
+        the limit, and also when the answer took so long to come back that the request would
+        leave late after all (the entry is then taken out of the log again)."""
         policy = self.policy
+        member = uuid.uuid4().hex
+        asked = time.monotonic()
+        result, now_us = self._confirm(
+            keys=[_STATE_PREFIX + slot.budget, _SENT_PREFIX + slot.budget],
+            args=[
+                slot.slot_us,
+                slot.epoch,
+                int(policy.late_tolerance_seconds * 1e6),
+                int(policy.window_seconds * 1e6),
+                policy.window_limit,
+                member,
+            ],
+        )
+        if result != SENT:
+            raise SlotRefused(RETIME_REASONS[result])
+        if time.monotonic() - asked > policy.late_tolerance_seconds / 2:
+            # Something else ran between the log entry and now: the send would not be when
+            # the log says.
+            self._redis.zrem(_SENT_PREFIX + slot.budget, member)
+            raise SlotRefused(RETIME_REASONS[LATE])
+        return now_us
+
+    def acquire(self, budget: str, max_wait_seconds: float) -> Permit | None:
+        """`wait_for_slot` and `confirm` until a send is recorded, for a caller that sends right
+        after this returns; None when no slot comes within `max_wait_seconds`."""
         started = time.monotonic()
         deadline = started + max_wait_seconds
         retimed: list[str] = []
         recovered = False
         while True:
-            # A slot is taken only if it comes within the horizon and before the deadline.
-            reach = min(policy.horizon_seconds, max(deadline - time.monotonic(), 0.0))
-            granted, wait_us, slot_us, epoch, rate_millis, back = self._reserve(
-                keys=[_STATE_PREFIX + budget], args=[policy.max_rate, int(reach * 1e6)]
-            )
-            recovered = recovered or bool(back)
-            wait = wait_us / 1e6
-            if not granted:
-                # Back in the line: ask again when our turn is about half a horizon away.
-                nap = max(wait - policy.horizon_seconds / 2, 0.001)
-                if time.monotonic() + wait > deadline:
-                    return None
-                time.sleep(nap)
-                continue
-            if wait > 0:
-                time.sleep(wait)
-            result, now_us = self._confirm(
-                keys=[_STATE_PREFIX + budget, _SENT_PREFIX + budget],
-                args=[
-                    slot_us,
-                    epoch,
-                    int(policy.late_tolerance_seconds * 1e6),
-                    int(policy.window_seconds * 1e6),
-                    policy.window_limit,
-                    uuid.uuid4().hex,
-                ],
-            )
-            if result == SENT:
-                waited = time.monotonic() - started
-                return Permit(now_us, waited, rate_millis / 1000, tuple(retimed), recovered)
-            retimed.append(RETIME_REASONS[result])
-            if time.monotonic() > deadline:
+            slot = self.wait_for_slot(budget, deadline - time.monotonic())
+            if slot is None:
                 return None
+            recovered = recovered or slot.recovered
+            try:
+                sent_at = self.confirm(slot)
+            except SlotRefused as refused:
+                retimed.append(refused.reason)
+                continue
+            waited = time.monotonic() - started
+            return Permit(sent_at, waited, slot.rate, tuple(retimed), recovered)
 
     def congestion(self, budget: str, sent_at_us: int) -> Cut:
         """The provider refused a request that left at `sent_at_us` as too fast: cut the rate,

@@ -27,7 +27,7 @@ _REDIS_CONNECTIONS = 32
 
 @lru_cache(maxsize=1)
 def engine() -> Engine:
-    return make_engine(get_settings(), pool_size=_DATABASE_CONNECTIONS)
+    return make_engine(get_settings(), pool_size=_DATABASE_CONNECTIONS, for_polling=True)
 
 
 @lru_cache(maxsize=1)

@@ -18,6 +18,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from datetime import timedelta
+from typing import NamedTuple
 
 import orjson
 from sqlalchemy import Connection, Engine, create_engine, text
@@ -40,19 +41,33 @@ def single_statements(engine: Engine) -> Connection:
     return engine.connect().execution_options(isolation_level="AUTOCOMMIT")
 
 
-def make_engine(settings: Settings, *, pool_size: int = 5) -> Engine:
+def make_engine(
+    settings: Settings, *, pool_size: int = 5, for_polling: bool = False
+) -> Engine:
+    """The engine of a program. `for_polling` is the worker's: its writes are polls and claims,
+    which a lost commit cannot make wrong (a batch whose write is lost keeps its lease and is
+    polled again when the lease ends), so they commit without waiting for the WAL flush
+    (`synchronous_commit=off`); and it does not ping each connection before use: a connection
+    that died with its server fails one statement, the pool drops every connection it holds,
+    and the batch is polled again."""
+    options: dict = {}
+    if for_polling:
+        options["connect_args"] = {"options": "-c synchronous_commit=off"}
     return create_engine(
         settings.sqlalchemy_url,
         pool_size=pool_size,
         max_overflow=2,
-        pool_pre_ping=True,
+        pool_pre_ping=not for_polling,
         pool_recycle=1800,
         hide_parameters=True,
+        **options,
     )
 
 
-@dataclass(frozen=True)
-class DueRow:
+class DueRow(NamedTuple):
+    """A claimed row. A tuple, not a dataclass: a tick builds thousands of them at once, in the
+    worker's one process, where every millisecond of CPU delays the polls waiting for a slot."""
+
     ref_id: str
     oa_id: str
     # Never polled and due for less than the batch-fill wait: may wait for a fuller batch.
@@ -145,12 +160,13 @@ _INSERT_BATCHES = text(
     """
 )
 
+# The rows are named by the batches just inserted: only the batch ids travel.
 _LEASE_ROWS = text(
     """
     UPDATE messages AS m
-    SET lease_id = v.batch_id, next_poll_at = now() + make_interval(secs => :lease)
-    FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS v(ref_id text, batch_id uuid)
-    WHERE m.ref_id = v.ref_id
+    SET lease_id = b.id, next_poll_at = now() + make_interval(secs => :lease)
+    FROM poll_batches AS b, unnest(b.ref_ids) AS r(ref_id)
+    WHERE b.id = ANY(CAST(:ids AS uuid[])) AND m.ref_id = r.ref_id
       AND (CAST(:from_batch AS uuid) IS NULL OR m.lease_id = CAST(:from_batch AS uuid))
     """
 )
@@ -222,7 +238,7 @@ def claim_due(
     """Lock up to `limit` due rows of one account, oldest due first, skipping rows others hold
     and rows of the OAs in `skip_oas`. `fill_seconds` is the batch-fill wait (`may_wait`)."""
     params = {"account": account, "limit": limit, "skip_oas": list(skip_oas), "fill": fill_seconds}
-    return [DueRow(*row) for row in conn.execute(_CLAIM_DUE, params)]
+    return list(map(DueRow._make, conn.execute(_CLAIM_DUE, params).tuples()))
 
 
 def claim_due_for_oa(
@@ -241,7 +257,7 @@ def claim_due_for_oa(
         "exclude": json.dumps(list(exclude)),
         "fill": fill_seconds,
     }
-    return [DueRow(*row) for row in conn.execute(_CLAIM_DUE_FOR_OA, params)]
+    return list(map(DueRow._make, conn.execute(_CLAIM_DUE_FOR_OA, params).tuples()))
 
 
 def _insert_batches(
@@ -267,15 +283,11 @@ def _point_rows_at(
     lease_seconds: float,
     from_batch: uuid.UUID | None = None,
 ) -> None:
-    """Point each batch's rows at it until the lease runs out; with `from_batch`, only rows
-    that batch still holds."""
-    # JSON rather than arrays for the same reason as the merge (below).
-    rows = [
-        {"ref_id": ref, "batch_id": str(batch.id)} for batch in batches for ref in batch.ref_ids
-    ]
+    """Point each inserted batch's rows at it until the lease runs out; with `from_batch`,
+    only rows that batch still holds."""
     conn.execute(
         _LEASE_ROWS,
-        {"rows": _json(rows), "lease": lease_seconds, "from_batch": from_batch},
+        {"ids": [batch.id for batch in batches], "lease": lease_seconds, "from_batch": from_batch},
     )
 
 

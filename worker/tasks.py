@@ -33,8 +33,11 @@ def _enqueue(batches: Sequence[Batch]) -> None:
 @worker_ready.connect
 def _warm_up(**_kwargs) -> None:
     """Open the worker's connections before its first task, not inside it: the first poll would
-    otherwise leave late and leave a gap in the rate."""
+    otherwise leave late and leave a gap in the rate. Then queue one scheduling tick: a worker
+    that starts (or restarts) with a due backlog polls within a second, without waiting for
+    beat's next tick. A tick is harmless at any time (the scheduler lock)."""
     runtime.warm_up()
+    schedule.apply_async(expires=max(2 * get_settings().schedule_tick_seconds, 2.0))
 
 
 @app.task(name="esms.schedule", ignore_result=True)
