@@ -266,7 +266,9 @@ def start_hogs(children: Children, count: int = 2) -> None:
 # --- one run -----------------------------------------------------------------------------------
 
 
-def run(name: str, scenario: Scenario, backlog: int, final_rows: int) -> dict:
+def run(
+    name: str, scenario: Scenario, backlog: int, final_rows: int, dump_log: str | None = None
+) -> dict:
     import redis
 
     redis.Redis.from_url(REDIS_URL).flushdb()
@@ -338,6 +340,8 @@ def run(name: str, scenario: Scenario, backlog: int, final_rows: int) -> dict:
             sampler.join()
             sampler.take()
             log = emulator.admin("GET", "/requests", params={"refids": 0})["requests"]
+            if dump_log:
+                Path(dump_log).write_text(json.dumps(log))
             retimed = sum((retimed_sends(port) for port in metric_ports), Counter())
             wire_stamps = None
             if wire is not None:
@@ -423,13 +427,14 @@ def main() -> None:
     parser.add_argument("--scenario", default="one", choices=[*SCENARIOS, "all"])
     parser.add_argument("--backlog", type=int, default=100_000, help="pending messages per account")
     parser.add_argument("--final-rows", type=int, default=1_000_000)
+    parser.add_argument("--dump-log", help="write the emulator's request log (JSON) here")
     args = parser.parse_args()
     names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
     results = []
     out = ROOT / "bench" / "results"
     out.mkdir(exist_ok=True)
     for name in names:
-        result = run(name, SCENARIOS[name], args.backlog, args.final_rows)
+        result = run(name, SCENARIOS[name], args.backlog, args.final_rows, args.dump_log)
         print(json.dumps(result, indent=2), flush=True)
         results.append(result)
         (out / f"throughput-{name}-{int(time.time())}.json").write_text(

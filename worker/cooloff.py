@@ -69,6 +69,10 @@ class CoolOffs:
             pipe.pttl(_PAUSE + scope)
         return max([0, *pipe.execute()]) / 1000
 
+    def keys(self, *scopes: str) -> list[str]:
+        """The Redis keys that exist while `scopes` cool off (for a check inside a script)."""
+        return [_PAUSE + scope for scope in scopes]
+
     def clear(self, *scopes: str) -> None:
         """The provider accepted a request: forget the refusals of these scopes."""
         keys = [prefix + scope for scope in scopes for prefix in (_PAUSE, _STREAK)]

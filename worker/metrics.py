@@ -88,6 +88,7 @@ BACKLOG_OLDEST_AGE = Gauge(
     ["account"],
 )
 
+
 def request_result(error: ProviderError | None) -> str:
     """The `result` label: "100" for an answer, the provider's Code, else the error's kind."""
     if error is None:

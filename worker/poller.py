@@ -85,6 +85,7 @@ def poll_batch(
         )  # fmt: skip
         return PollResult(Outcome.UNKNOWN_ACCOUNT, size, reason="account not configured")
 
+    scopes = (account_scope(batch.account), oa_scope(batch.account, batch.oa_id))
     waiting_since = time.monotonic()
     deadline = waiting_since + MAX_LIMITER_WAIT_SECONDS
     while True:
@@ -100,30 +101,18 @@ def poll_batch(
             return PollResult(Outcome.NO_SLOT, size)
         _count_slot(batch.account, slot, time.monotonic() - waiting_since)
 
-        # Checked with the slot in hand, right before sending: batches queued before a sibling
-        # batch was refused must not each spend a request the provider will refuse too.
-        paused_for = cooloffs.remaining(
-            account_scope(batch.account), oa_scope(batch.account, batch.oa_id)
-        )
-        if paused_for > 0:
-            _release(engine, batch, paused_for)
-            metrics.BATCHES.labels(Outcome.PAUSED).inc()
-            log.info(
-                "account=%s oa=%s size=%d: cooling off for %.0fs after a refusal, batch released",
-                batch.account, batch.oa_id, size, paused_for,
-                extra=_fields(batch, size, reason="cooling off"),
-            )  # fmt: skip
-            return PollResult(Outcome.PAUSED, size, reason="cooling off")
-
-        # The limiter has the last word as the request's first byte is about to leave.
+        # The limiter has the last word as the request's first byte is about to leave; it also
+        # checks the cool-offs then: batches queued before a sibling batch was refused must not
+        # each spend a request the provider will refuse too.
         sent_at: list[int] = []
+        confirm = _confirming(limiter, slot, sent_at, cooloffs.keys(*scopes))
         started = time.monotonic()
         try:
-            records = client.get_callback(
-                account, batch.oa_id, batch.ref_ids, before_send=_confirming(limiter, slot, sent_at)
-            )
+            records = client.get_callback(account, batch.oa_id, batch.ref_ids, confirm)
             break
         except SlotRefused as refused:
+            if refused.reason == "blocked":
+                return _paused(engine, batch, refused.blocked_seconds)
             metrics.SENDS_RETIMED.labels(batch.account, refused.reason).inc()
             continue
         except ProviderError as exc:
@@ -200,9 +189,23 @@ def _failed(
     return PollResult(Outcome.FAILED, size, reason=exc.reason)
 
 
-def _confirming(limiter: RateLimiter, slot: Slot, sent_at: list[int]) -> Callable[[], None]:
+def _paused(engine: Engine, batch: store.Batch, paused_for: float) -> PollResult:
+    size = len(batch.ref_ids)
+    _release(engine, batch, paused_for)
+    metrics.BATCHES.labels(Outcome.PAUSED).inc()
+    log.info(
+        "account=%s oa=%s size=%d: cooling off for %.0fs after a refusal, batch released",
+        batch.account, batch.oa_id, size, paused_for,
+        extra=_fields(batch, size, reason="cooling off"),
+    )  # fmt: skip
+    return PollResult(Outcome.PAUSED, size, reason="cooling off")
+
+
+def _confirming(
+    limiter: RateLimiter, slot: Slot, sent_at: list[int], blocked_by: list[str]
+) -> Callable[[], None]:
     def confirm() -> None:
-        sent_at.append(limiter.confirm(slot))
+        sent_at.append(limiter.confirm(slot, blocked_by))
 
     return confirm
 

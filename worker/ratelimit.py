@@ -4,7 +4,8 @@ Three Lua scripts, all on Redis's clock, so the hosts' own clocks never matter:
 
 - `reserve` is GCRA (virtual scheduling): one number per budget, the theoretical arrival time
   (TAT) of the next request; a caller takes the slot `max(TAT, now)` and moves TAT one interval
-  on. A caller waits for its slot at most as long as it may (`max_wait_seconds`).
+  on. Slots are handed out at most a second ahead: a caller further back in the line sleeps
+  and asks again, so a cut of the rate reaches the whole line within a second.
 - `confirm` runs right before the request leaves. It refuses a slot that passed more than
   `late_tolerance` ago (a caller the CPU scheduler woke late would bunch with the next ones) or
   that was handed out before the last change of rate, and it keeps a moving-window log of the
@@ -27,6 +28,7 @@ from __future__ import annotations
 import math
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import redis
@@ -93,19 +95,24 @@ return {{1, math.floor(wait), math.floor(tat), epoch, math.floor(rate * 1000), r
 """
 )
 
-# KEYS[1] state, KEYS[2] send log; ARGV: slot_us, epoch, late_tolerance_us, window_us,
-# window_limit, member. Returns {result, now_us}: 1 sent, 2 rate changed, 3 late, 4 window full.
+# KEYS[1] state, KEYS[2] send log, KEYS[3..] keys whose existence blocks the send; ARGV:
+# slot_us, epoch, late_tolerance_us, window_us, window_limit, member. Returns {result, now_us,
+# blocked_ms}: 1 sent, 2 rate changed, 3 late, 4 window full, 5 blocked.
 _CONFIRM = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+for i = 3, #KEYS do
+  local ttl = redis.call('PTTL', KEYS[i])
+  if ttl > 0 then return {5, now, ttl} end
+end
 local epoch = tonumber(redis.call('HGET', KEYS[1], 'epoch') or 0)
-if epoch ~= tonumber(ARGV[2]) then return {2, now} end
-if now - tonumber(ARGV[1]) > tonumber(ARGV[3]) then return {3, now} end
+if epoch ~= tonumber(ARGV[2]) then return {2, now, 0} end
+if now - tonumber(ARGV[1]) > tonumber(ARGV[3]) then return {3, now, 0} end
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', string.format('%d', now - tonumber(ARGV[4])))
-if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[5]) then return {4, now} end
+if redis.call('ZCARD', KEYS[2]) >= tonumber(ARGV[5]) then return {4, now, 0} end
 redis.call('ZADD', KEYS[2], string.format('%d', now), ARGV[6])
 redis.call('PEXPIRE', KEYS[2], math.ceil(tonumber(ARGV[4]) / 1000) + 1000)
-return {1, now}
+return {1, now, 0}
 """
 
 # KEYS[1] state; ARGV: sent_at_us, max_rate, floor, provider_window_us. Returns {cut, old_millis,
@@ -131,11 +138,20 @@ return {{1, math.floor(rate * 1000), math.floor(new_rate * 1000)}}
 """
 )
 
+# Slots are handed out at most this far ahead (see RateLimiter.wait_for_slot).
+HORIZON_SECONDS = 1.0
+
 SENT = 1
 RATE_CHANGED = 2
 LATE = 3
 WINDOW_FULL = 4
-RETIME_REASONS = {RATE_CHANGED: "rate_changed", LATE: "late", WINDOW_FULL: "window_full"}
+BLOCKED = 5
+RETIME_REASONS = {
+    RATE_CHANGED: "rate_changed",
+    LATE: "late",
+    WINDOW_FULL: "window_full",
+    BLOCKED: "blocked",
+}
 
 
 @dataclass(frozen=True)
@@ -192,11 +208,13 @@ class Permit:
 
 
 class SlotRefused(Exception):
-    """`confirm` refused the slot: `reason` is one of RETIME_REASONS' values. Take a new one."""
+    """`confirm` refused the slot: `reason` is one of RETIME_REASONS' values. Take a new one,
+    unless it is "blocked": one of the blocking keys exists for `blocked_seconds` more."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, blocked_seconds: float = 0.0) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.blocked_seconds = blocked_seconds
 
 
 @dataclass(frozen=True)
@@ -220,28 +238,39 @@ class RateLimiter:
 
     def wait_for_slot(self, budget: str, max_wait_seconds: float) -> Slot | None:
         """Take the budget's next slot and sleep until it; None when it would come later than
-        `max_wait_seconds` from now (the caller gives its work back)."""
-        granted, wait_us, slot_us, epoch, rate_millis, back = self._reserve(
-            keys=[_STATE_PREFIX + budget],
-            args=[self.policy.max_rate, int(max(max_wait_seconds, 0.0) * 1e6)],
-        )
-        if not granted:
-            return None
-        if wait_us > 0:
-            time.sleep(wait_us / 1e6)
-        return Slot(budget, slot_us, epoch, rate_millis / 1000, bool(back))
+        `max_wait_seconds` from now (the caller gives its work back).
 
-    def confirm(self, slot: Slot) -> int:
+        Slots are handed out at most `HORIZON_SECONDS` ahead; a caller further back in the line
+        sleeps until its turn is about half that away and asks again. So the line holds at most
+        a second of slots taken at the old rate when a cut comes."""
+        deadline = time.monotonic() + max(max_wait_seconds, 0.0)
+        while True:
+            reach = min(HORIZON_SECONDS, max(deadline - time.monotonic(), 0.0))
+            granted, wait_us, slot_us, epoch, rate_millis, back = self._reserve(
+                keys=[_STATE_PREFIX + budget], args=[self.policy.max_rate, int(reach * 1e6)]
+            )
+            wait = wait_us / 1e6
+            if granted:
+                if wait > 0:
+                    time.sleep(wait)
+                return Slot(budget, slot_us, epoch, rate_millis / 1000, bool(back))
+            if time.monotonic() + wait > deadline:
+                return None
+            time.sleep(max(wait - HORIZON_SECONDS / 2, 0.001))
+
+    def confirm(self, slot: Slot, blocked_by: Sequence[str] = ()) -> int:
         """Record the send of `slot` in the send log, right before the request's first byte
         leaves; the moment recorded (Redis's clock, microseconds). Raises SlotRefused when the
         slot passed too long ago, the rate was cut since it was taken, or the log already holds
-        the limit, and also when the answer took so long to come back that the request would
-        leave late after all (the entry is then taken out of the log again)."""
+        the limit, or one of the `blocked_by` keys exists (a cool-off, worker.cooloff: checked
+        in the same script, so it costs no round trip), and also when the answer took so long
+        to come back that the request would leave late after all (the entry is then taken out
+        of the log again)."""
         policy = self.policy
         member = uuid.uuid4().hex
         asked = time.monotonic()
-        result, now_us = self._confirm(
-            keys=[_STATE_PREFIX + slot.budget, _SENT_PREFIX + slot.budget],
+        result, now_us, blocked_ms = self._confirm(
+            keys=[_STATE_PREFIX + slot.budget, _SENT_PREFIX + slot.budget, *blocked_by],
             args=[
                 slot.slot_us,
                 slot.epoch,
@@ -252,7 +281,7 @@ class RateLimiter:
             ],
         )
         if result != SENT:
-            raise SlotRefused(RETIME_REASONS[result])
+            raise SlotRefused(RETIME_REASONS[result], blocked_ms / 1000)
         if time.monotonic() - asked > policy.late_tolerance_seconds / 2:
             # Something else ran between the log entry and now: the send would not be when
             # the log says.

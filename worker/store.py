@@ -41,9 +41,7 @@ def single_statements(engine: Engine) -> Connection:
     return engine.connect().execution_options(isolation_level="AUTOCOMMIT")
 
 
-def make_engine(
-    settings: Settings, *, pool_size: int = 5, for_polling: bool = False
-) -> Engine:
+def make_engine(settings: Settings, *, pool_size: int = 5, for_polling: bool = False) -> Engine:
     """The engine of a program. `for_polling` is the worker's: its writes are polls and claims,
     which a lost commit cannot make wrong (a batch whose write is lost keeps its lease and is
     polled again when the lease ends), so they commit without waiting for the WAL flush
