@@ -3,11 +3,13 @@
 Beat runs `schedule_tick` every `SCHEDULE_TICK_SECONDS`. One tick, in one short transaction under
 an advisory lock (so two beats are harmless): give new rows their first poll time, expire rows past
 the maximum age, drop lapsed leases, then for each configured account claim just enough due rows
-to keep `SCHEDULE_LOOKAHEAD_SECONDS` of its rate budget in flight. The claimed rows are grouped by
-OAId into batches of at most `ESMS_BATCH_SIZE` (with `POLL_BATCH_FILL_SECONDS`, a short batch of
-first polls may wait a little for more), leased, and only after the commit handed to the queue,
-one batch of each account in turn. The queue therefore never holds much more than the limiter can
-drain in a couple of seconds, and `next_poll_at` in Postgres, not a Celery ETA, is the schedule.
+to keep `SCHEDULE_LOOKAHEAD_SECONDS` of its rate budget in flight. Claiming is one statement per
+account (`store.claim_batches`): the due rows are grouped by OAId into batches of at most
+`ESMS_BATCH_SIZE` in Postgres (with `POLL_BATCH_FILL_SECONDS`, a short batch of first polls may
+wait a little for more) and leased there, so a tick costs the worker next to no CPU; only after
+the commit are the batches handed to the queue, one batch of each account in turn. The queue
+therefore never holds much more than the limiter can drain in a couple of seconds, and
+`next_poll_at` in Postgres, not a Celery ETA, is the schedule.
 """
 
 from __future__ import annotations
@@ -15,41 +17,18 @@ from __future__ import annotations
 import logging
 import math
 import time
-import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import chain, zip_longest
 
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Engine
 
 from worker import metrics, store
 from worker.cooloff import CoolOffs, account_scope
 from worker.settings import Settings
-from worker.store import Batch, DueRow
+from worker.store import Batch
 
 log = logging.getLogger(__name__)
-
-
-def group_into_batches(
-    account: str, rows: Iterable[DueRow], batch_size: int, max_batches: int
-) -> list[Batch]:
-    """Rows of one account as requests: one OAId each, at most `batch_size` RefIds, oldest first.
-
-    `rows` come oldest-due first; a batch's place in the result is that of its oldest row, so the
-    most overdue work goes out first and the `max_batches` cut drops the youngest.
-    """
-    open_batches: dict[str, list[str]] = {}
-    batches: list[tuple[str, list[str]]] = []
-    for row in rows:
-        current = open_batches.get(row.oa_id)
-        if current is None or len(current) >= batch_size:
-            if len(batches) >= max_batches:
-                continue
-            current = []
-            open_batches[row.oa_id] = current
-            batches.append((row.oa_id, current))
-        current.append(row.ref_id)
-    return [Batch(uuid.uuid4(), account, oa_id, tuple(ref_ids)) for oa_id, ref_ids in batches]
 
 
 def interleave_accounts(per_account: Sequence[Sequence[Batch]]) -> list[Batch]:
@@ -62,47 +41,10 @@ def interleave_accounts(per_account: Sequence[Sequence[Batch]]) -> list[Batch]:
     return [batch for batch in chain.from_iterable(zip_longest(*per_account)) if batch is not None]
 
 
-def hold_partial_batches(
-    batches: list[Batch], rows: Iterable[DueRow], batch_size: int
-) -> list[Batch]:
-    """The batches to send now: full ones, and partial ones holding a row that may not wait.
-
-    A partial batch made only of rows that may wait (never polled, due for less than
-    `POLL_BATCH_FILL_SECONDS`) stays unclaimed, to go out fuller at a later tick.
-    """
-    waiting = {row.ref_id for row in rows if row.may_wait}
-    return [
-        batch
-        for batch in batches
-        if len(batch.ref_ids) >= batch_size or not waiting.issuperset(batch.ref_ids)
-    ]
-
-
 def batches_wanted(settings: Settings, in_flight: int) -> int:
     """How many more requests one account may have queued or running right now."""
     target = math.ceil(settings.effective_rate_per_second * settings.schedule_lookahead_seconds)
     return max(0, target - in_flight)
-
-
-def _fill_partial_batches(
-    conn: Connection, account: str, rows: list[DueRow], batch_size: int, fill_seconds: float
-) -> list[DueRow]:
-    """Top up each OA's last, partial batch from that OA's other due rows.
-
-    The claim's LIMIT cuts across OAs, so with several OAs due every OA would end in a partial
-    batch, and every partial batch is a request spent on fewer than `batch_size` RefIds.
-    """
-    claimed: dict[str, list[str]] = {}
-    for row in rows:
-        claimed.setdefault(row.oa_id, []).append(row.ref_id)
-    extra: list[DueRow] = []
-    for oa_id, ref_ids in claimed.items():
-        missing = -len(ref_ids) % batch_size
-        if missing:
-            extra.extend(
-                store.claim_due_for_oa(conn, account, oa_id, missing, ref_ids, fill_seconds)
-            )
-    return rows + extra
 
 
 _UNPOLLABLE_CHECK_SECONDS = 300.0
@@ -177,16 +119,15 @@ def schedule_tick(
             wanted = batches_wanted(settings, in_flight.get(name, 0))
             if wanted == 0:
                 continue
-            fill = settings.poll_batch_fill_seconds
-            rows = store.claim_due(
-                conn, name, wanted * settings.esms_batch_size, skip_oas.get(name, ()), fill
+            batches = store.claim_batches(
+                conn,
+                name,
+                wanted,
+                settings.esms_batch_size,
+                settings.lease_seconds,
+                skip_oas.get(name, ()),
+                settings.poll_batch_fill_seconds,
             )
-            if len(rows) == wanted * settings.esms_batch_size:
-                rows = _fill_partial_batches(conn, name, rows, settings.esms_batch_size, fill)
-            batches = group_into_batches(name, rows, settings.esms_batch_size, wanted)
-            if fill > 0:
-                batches = hold_partial_batches(batches, rows, settings.esms_batch_size)
-            store.lease_batches(conn, name, batches, settings.lease_seconds)
             per_account.append(batches)
         report.batches = interleave_accounts(per_account)
     metrics.TICKS.labels("run").inc()

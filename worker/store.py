@@ -18,7 +18,6 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
 from datetime import timedelta
-from typing import NamedTuple
 
 import orjson
 from sqlalchemy import Connection, Engine, create_engine, text
@@ -60,16 +59,6 @@ def make_engine(settings: Settings, *, pool_size: int = 5, for_polling: bool = F
         hide_parameters=True,
         **options,
     )
-
-
-class DueRow(NamedTuple):
-    """A claimed row. A tuple, not a dataclass: a tick builds thousands of them at once, in the
-    worker's one process, where every millisecond of CPU delays the polls waiting for a slot."""
-
-    ref_id: str
-    oa_id: str
-    # Never polled and due for less than the batch-fill wait: may wait for a fuller batch.
-    may_wait: bool = False
 
 
 @dataclass(frozen=True)
@@ -122,32 +111,6 @@ _INFLIGHT = text(
     "SELECT account, count(*) FROM poll_batches WHERE lease_expires_at > now() GROUP BY account"
 )
 
-_CLAIM_DUE = text(
-    """
-    SELECT ref_id, oa_id,
-           poll_count = 0 AND next_poll_at > now() - make_interval(secs => :fill) AS may_wait
-    FROM messages
-    WHERE state = 'pending' AND account = :account AND next_poll_at <= now() AND oa_id <> ''
-      AND NOT (oa_id = ANY(:skip_oas))
-    ORDER BY next_poll_at
-    LIMIT :limit
-    FOR UPDATE SKIP LOCKED
-    """
-)
-
-_CLAIM_DUE_FOR_OA = text(
-    """
-    SELECT ref_id, oa_id,
-           poll_count = 0 AND next_poll_at > now() - make_interval(secs => :fill) AS may_wait
-    FROM messages
-    WHERE state = 'pending' AND account = :account AND oa_id = :oa_id AND next_poll_at <= now()
-      AND ref_id NOT IN (SELECT jsonb_array_elements_text(CAST(:exclude AS jsonb)))
-    ORDER BY next_poll_at
-    LIMIT :limit
-    FOR UPDATE SKIP LOCKED
-    """
-)
-
 _INSERT_BATCHES = text(
     """
     INSERT INTO poll_batches (id, account, oa_id, ref_ids, lease_expires_at)
@@ -168,6 +131,95 @@ _LEASE_ROWS = text(
       AND (CAST(:from_batch AS uuid) IS NULL OR m.lease_id = CAST(:from_batch AS uuid))
     """
 )
+
+
+# A tick's claim for one account, in one statement: the oldest due rows, grouped per OAId into
+# batches of at most :batch_size in due order, the oldest :wanted batches chosen, their rows
+# locked (SKIP LOCKED: a row another transaction holds waits for the next tick), leased, and the
+# batches recorded with the rows actually leased. Candidates are read, unlocked, up to twice the
+# rows wanted, so that an OA whose due rows straddle the cut still fills its batches. A short
+# batch made only of rows that may wait for more (POLL_BATCH_FILL_SECONDS) is not taken.
+_CLAIM_BATCHES = text(
+    """
+    WITH candidates AS (
+        SELECT ref_id, oa_id, next_poll_at,
+               poll_count = 0 AND next_poll_at > now() - make_interval(secs => :fill) AS may_wait
+        FROM messages
+        WHERE state = 'pending' AND account = :account AND next_poll_at <= now()
+          AND oa_id <> '' AND NOT (oa_id = ANY(:skip_oas))
+        ORDER BY next_poll_at
+        LIMIT :candidates
+    ), chunks AS (
+        SELECT ref_id, oa_id, next_poll_at, may_wait,
+               (row_number() OVER (PARTITION BY oa_id ORDER BY next_poll_at, ref_id) - 1)
+                   / :batch_size AS chunk
+        FROM candidates
+    ), batches AS (
+        SELECT oa_id, chunk, min(next_poll_at) AS oldest, count(*) AS size,
+               bool_and(may_wait) AS may_wait, array_agg(ref_id) AS ref_ids
+        FROM chunks
+        GROUP BY oa_id, chunk
+    ), chosen AS MATERIALIZED (
+        SELECT gen_random_uuid() AS id, oa_id, ref_ids, oldest, chunk
+        FROM batches
+        WHERE size >= :batch_size OR NOT may_wait
+        ORDER BY oldest, oa_id, chunk
+        LIMIT :wanted
+    ), locked AS (
+        SELECT m.ref_id, c.id AS batch_id
+        FROM chosen AS c
+        CROSS JOIN unnest(c.ref_ids) AS r(ref_id)
+        JOIN messages AS m ON m.ref_id = r.ref_id
+        WHERE m.state = 'pending' AND m.next_poll_at <= now()
+        FOR UPDATE OF m SKIP LOCKED
+    ), leased AS (
+        UPDATE messages AS m
+        SET lease_id = l.batch_id, next_poll_at = now() + make_interval(secs => :lease)
+        FROM locked AS l
+        WHERE m.ref_id = l.ref_id
+        RETURNING m.ref_id, l.batch_id
+    ), recorded AS (
+        INSERT INTO poll_batches (id, account, oa_id, ref_ids, lease_expires_at)
+        SELECT c.id, :account, c.oa_id, array_agg(l.ref_id ORDER BY l.ref_id),
+               now() + make_interval(secs => :lease)
+        FROM leased AS l JOIN chosen AS c ON c.id = l.batch_id
+        GROUP BY c.id, c.oa_id
+        RETURNING id, oa_id, ref_ids
+    )
+    SELECT r.id, r.oa_id, r.ref_ids
+    FROM recorded AS r JOIN chosen AS c ON c.id = r.id
+    ORDER BY c.oldest, c.oa_id, c.chunk
+    """
+)
+
+
+def claim_batches(
+    conn: Connection,
+    account: str,
+    wanted: int,
+    batch_size: int,
+    lease_seconds: float,
+    skip_oas: Sequence[str] = (),
+    fill_seconds: float = 0,
+) -> list[Batch]:
+    """Claim and lease up to `wanted` batches of the account's due rows, oldest first: one OAId
+    each, at most `batch_size` RefIds, skipping the OAs in `skip_oas`; `fill_seconds` is the
+    batch-fill wait. The batches come in the order they should be sent."""
+    if wanted <= 0:
+        return []
+    params = {
+        "account": account,
+        "wanted": wanted,
+        "batch_size": batch_size,
+        "candidates": 2 * wanted * batch_size,
+        "lease": lease_seconds,
+        "skip_oas": list(skip_oas),
+        "fill": fill_seconds,
+    }
+    return [
+        Batch(batch_id, account, oa_id, tuple(ref_ids))
+        for batch_id, oa_id, ref_ids in conn.execute(_CLAIM_BATCHES, params)
+    ]
 
 
 _UNPOLLABLE = text(
@@ -226,38 +278,6 @@ def inflight_batches(conn: Connection) -> dict[str, int]:
     return {account: count for account, count in conn.execute(_INFLIGHT)}
 
 
-def claim_due(
-    conn: Connection,
-    account: str,
-    limit: int,
-    skip_oas: Sequence[str] = (),
-    fill_seconds: float = 0,
-) -> list[DueRow]:
-    """Lock up to `limit` due rows of one account, oldest due first, skipping rows others hold
-    and rows of the OAs in `skip_oas`. `fill_seconds` is the batch-fill wait (`may_wait`)."""
-    params = {"account": account, "limit": limit, "skip_oas": list(skip_oas), "fill": fill_seconds}
-    return list(map(DueRow._make, conn.execute(_CLAIM_DUE, params).tuples()))
-
-
-def claim_due_for_oa(
-    conn: Connection,
-    account: str,
-    oa_id: str,
-    limit: int,
-    exclude: Sequence[str],
-    fill_seconds: float = 0,
-) -> list[DueRow]:
-    """Lock up to `limit` more due rows of one account and OA, besides those in `exclude`."""
-    params = {
-        "account": account,
-        "oa_id": oa_id,
-        "limit": limit,
-        "exclude": json.dumps(list(exclude)),
-        "fill": fill_seconds,
-    }
-    return list(map(DueRow._make, conn.execute(_CLAIM_DUE_FOR_OA, params).tuples()))
-
-
 def _insert_batches(
     conn: Connection, account: str, batches: Sequence[Batch], lease_seconds: float
 ) -> None:
@@ -275,28 +295,22 @@ def _insert_batches(
     )
 
 
-def _point_rows_at(
+def lease_batches(
     conn: Connection,
+    account: str,
     batches: Sequence[Batch],
     lease_seconds: float,
     from_batch: uuid.UUID | None = None,
 ) -> None:
-    """Point each inserted batch's rows at it until the lease runs out; with `from_batch`,
-    only rows that batch still holds."""
+    """Record `batches` (known RefIds) and point their rows at them until the lease runs out;
+    with `from_batch`, only rows that batch still holds."""
+    if not batches:
+        return
+    _insert_batches(conn, account, batches, lease_seconds)
     conn.execute(
         _LEASE_ROWS,
         {"ids": [batch.id for batch in batches], "lease": lease_seconds, "from_batch": from_batch},
     )
-
-
-def lease_batches(
-    conn: Connection, account: str, batches: Sequence[Batch], lease_seconds: float
-) -> None:
-    """Record the batches and point their rows at them until the lease runs out."""
-    if not batches:
-        return
-    _insert_batches(conn, account, batches, lease_seconds)
-    _point_rows_at(conn, batches, lease_seconds)
 
 
 # --- one batch's life in a worker -------------------------------------------------------------
@@ -391,8 +405,7 @@ def split_batch(conn: Connection, batch: Batch, lease_seconds: float) -> list[Ba
         Batch(uuid.uuid4(), batch.account, batch.oa_id, part)
         for part in (batch.ref_ids[:middle], batch.ref_ids[middle:])
     ]
-    _insert_batches(conn, batch.account, halves, lease_seconds)
-    _point_rows_at(conn, halves, lease_seconds, from_batch=batch.id)
+    lease_batches(conn, batch.account, halves, lease_seconds, from_batch=batch.id)
     return halves
 
 

@@ -72,9 +72,7 @@ def poll(engine, make_settings, emulator):
                 [{"r": ref, "o": oa_id} for ref in ref_ids],
             )
             conn.execute(text("UPDATE messages SET next_poll_at = now() WHERE state='pending'"))
-            rows = store.claim_due(conn, "default", 1000)
-            (batch,) = scheduler.group_into_batches("default", rows, 200, 1)
-            store.lease_batches(conn, "default", [batch], local.lease_seconds)
+            (batch,) = store.claim_batches(conn, "default", 1, 200, local.lease_seconds)
         return poller.poll_batch(
             batch.id,
             settings=local,
@@ -194,10 +192,8 @@ def test_stale_batch_sends_nothing(engine, make_settings, emulator):
         conn.execute(
             text("INSERT INTO messages (ref_id, oa_id, next_poll_at) VALUES ('e1', 'oa', now())")
         )
-        rows = store.claim_due(conn, "default", 10)
-        (batch,) = scheduler.group_into_batches("default", rows, 200, 1)
         # A lease too short to cover the wait, the request and the write.
-        store.lease_batches(conn, "default", [batch], 3)
+        (batch,) = store.claim_batches(conn, "default", 1, 200, 3)
     client = EsmsClient(settings.esms_base_url, 1)
     limiter = RateLimiter(
         redis.Redis.from_url(settings.redis_url.get_secret_value()),
@@ -213,7 +209,7 @@ def test_stale_batch_sends_nothing(engine, make_settings, emulator):
     # Released on the spot, not left claimed for the rest of its lease: due again now.
     with engine.begin() as conn:
         assert conn.execute(text("SELECT count(*) FROM poll_batches")).scalar() == 0
-        assert [row.ref_id for row in store.claim_due(conn, "default", 10)] == ["e1"]
+        assert [b.ref_ids for b in store.claim_batches(conn, "default", 1, 200, 60)] == [("e1",)]
 
 
 def test_code_105_splits_until_the_refid_not_found_is_alone(engine, make_settings, emulator):
@@ -242,10 +238,7 @@ def test_code_105_splits_until_the_refid_not_found_is_alone(engine, make_setting
                 text("INSERT INTO messages (ref_id, oa_id, next_poll_at) VALUES (:r, 'oa', now())"),
                 [{"r": ref} for ref in [*known[:5], "unknown", *known[5:]]],
             )
-            (batch,) = scheduler.group_into_batches(
-                "default", store.claim_due(conn, "default", 10), 200, 1
-            )
-            store.lease_batches(conn, "default", [batch], settings.lease_seconds)
+            (batch,) = store.claim_batches(conn, "default", 1, 200, settings.lease_seconds)
         queue = [batch]
         outcomes = []
         while queue:
