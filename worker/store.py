@@ -137,8 +137,11 @@ _LEASE_ROWS = text(
 # batches of at most :batch_size in due order, the oldest :wanted batches chosen, their rows
 # locked (SKIP LOCKED: a row another transaction holds waits for the next tick), leased, and the
 # batches recorded with the rows actually leased. Candidates are read, unlocked, up to twice the
-# rows wanted, so that an OA whose due rows straddle the cut still fills its batches. A short
-# batch made only of rows that may wait for more (POLL_BATCH_FILL_SECONDS) is not taken.
+# rows wanted, so that an OA whose due rows straddle the cut still fills its batches; when even
+# that many are due, a short batch may be short only because the cut left its OA's other rows
+# out, so short batches then come after every full one (a big backlog goes out in full requests;
+# a small OA's few rows go as soon as the backlog is below twice a tick's worth). A short batch
+# made only of rows that may wait for more (POLL_BATCH_FILL_SECONDS) is not taken.
 _CLAIM_BATCHES = text(
     """
     WITH candidates AS (
@@ -152,18 +155,21 @@ _CLAIM_BATCHES = text(
     ), chunks AS (
         SELECT ref_id, oa_id, next_poll_at, may_wait,
                (row_number() OVER (PARTITION BY oa_id ORDER BY next_poll_at, ref_id) - 1)
-                   / :batch_size AS chunk
+                   / :batch_size AS chunk,
+               count(*) OVER () = :candidates AS truncated
         FROM candidates
     ), batches AS (
         SELECT oa_id, chunk, min(next_poll_at) AS oldest, count(*) AS size,
-               bool_and(may_wait) AS may_wait, array_agg(ref_id) AS ref_ids
+               bool_and(may_wait) AS may_wait, bool_or(truncated) AS truncated,
+               array_agg(ref_id) AS ref_ids
         FROM chunks
         GROUP BY oa_id, chunk
     ), chosen AS MATERIALIZED (
-        SELECT gen_random_uuid() AS id, oa_id, ref_ids, oldest, chunk
+        SELECT gen_random_uuid() AS id, oa_id, ref_ids, oldest, chunk,
+               truncated AND size < :batch_size AS maybe_cut
         FROM batches
         WHERE size >= :batch_size OR NOT may_wait
-        ORDER BY oldest, oa_id, chunk
+        ORDER BY maybe_cut, oldest, oa_id, chunk
         LIMIT :wanted
     ), locked AS (
         SELECT m.ref_id, c.id AS batch_id
@@ -188,7 +194,7 @@ _CLAIM_BATCHES = text(
     )
     SELECT r.id, r.oa_id, r.ref_ids
     FROM recorded AS r JOIN chosen AS c ON c.id = r.id
-    ORDER BY c.oldest, c.oa_id, c.chunk
+    ORDER BY c.maybe_cut, c.oldest, c.oa_id, c.chunk
     """
 )
 

@@ -3,7 +3,8 @@
 The reference model below is the grouping the scheduler did in Python before the claim moved into
 one SQL statement: rows oldest-due first, one OAId per batch, at most `batch_size` RefIds, a
 batch's place that of its oldest row, the youngest batches cut at `wanted`, and each OA's batches
-filled from its due rows past the cut (twice the rows wanted are considered).
+filled from its due rows past the cut (twice the rows wanted are considered; when that many are
+due, short batches come after every full one).
 """
 
 from __future__ import annotations
@@ -23,14 +24,24 @@ pytestmark = pytest.mark.integration
 
 def reference(oas: list[str], batch_size: int, wanted: int) -> list[tuple[str, list[str]]]:
     """Rows r0, r1, ... (oldest first) of the given OAs, grouped as the claim must group them."""
-    rows = [(f"r{index:04d}", oa) for index, oa in enumerate(oas)][: 2 * wanted * batch_size]
+    considered = 2 * wanted * batch_size
+    rows = [(f"r{index:04d}", oa) for index, oa in enumerate(oas)][:considered]
+    truncated = len(rows) == considered
     chunks: dict[tuple[str, int], list[str]] = {}
     seen: dict[str, int] = {}
     for ref_id, oa in rows:
         chunk = seen.get(oa, 0) // batch_size
         seen[oa] = seen.get(oa, 0) + 1
         chunks.setdefault((oa, chunk), []).append(ref_id)
-    ordered = sorted(chunks.items(), key=lambda item: (min(item[1]), item[0][0], item[0][1]))
+    ordered = sorted(
+        chunks.items(),
+        key=lambda item: (
+            truncated and len(item[1]) < batch_size,
+            min(item[1]),
+            item[0][0],
+            item[0][1],
+        ),
+    )
     return [(oa, sorted(refs)) for (oa, _), refs in ordered[:wanted]]
 
 
@@ -88,6 +99,22 @@ def test_claim_groups_like_the_reference(engine, oas, batch_size, wanted):
         recorded = conn.execute(text("SELECT count(*) FROM poll_batches")).scalar()
     assert leases == {ref: batch.id for batch in batches for ref in batch.ref_ids}
     assert recorded == len(batches)
+
+
+def test_a_big_backlog_due_at_one_moment_goes_out_in_full_requests(engine):
+    # 5 OAs, every row due at the same instant (a sender's bulk insert), far more than a tick
+    # takes: every batch is full.
+    with engine.begin() as conn:
+        conn.execute(text("TRUNCATE messages, poll_batches"))
+        conn.execute(
+            text(
+                "INSERT INTO messages (ref_id, oa_id, next_poll_at) "
+                "SELECT 'm' || g, 'oa' || (g % 5), now() - interval '1 minute' "
+                "FROM generate_series(1, 5000) AS g"
+            )
+        )
+    batches = claim(engine, 12, 100)
+    assert [len(batch.ref_ids) for batch in batches] == [100] * 12
 
 
 def test_one_oa_split_by_batch_size_and_filled_past_the_cut(engine):
