@@ -287,7 +287,6 @@ def run_campaign(
                 ESMS_BASE_URL=emulator.url,
                 ESMS_API_KEY=API_KEY,
                 ESMS_SECRET_KEY=SECRET_KEY,
-                WORKER_CONCURRENCY="8",
                 PUSH_GRACE_SECONDS=str(grace if pushes else 0),
                 POLL_INTERVAL_SECONDS=str(poll_interval),
                 # The same in both runs: the comparison is pushes or not, nothing else.

@@ -92,10 +92,10 @@ app.conf.update(
     # Postgres), and one hub thread wakes each the moment its slot comes, with no GIL hand-off
     # between threads to make it late. The pool is named on the command line, where Celery
     # patches for it (worker.green adds `--pool=gevent` to a bare `celery worker`): the
-    # `worker_pool` setting would pick the pool too late to patch. WORKER_CONCURRENCY caps the
-    # polls at once; how many run is what the scheduler queued, about rate x
-    # SCHEDULE_LOOKAHEAD_SECONDS per busy account.
-    worker_concurrency=settings.worker_concurrency,
+    # `worker_pool` setting would pick the pool too late to patch. The pool has room for every
+    # batch the scheduler may queue for every account (Settings.pool_size), so a tick never
+    # waits behind polls that wait for their rate slots; an idle account costs no greenlet.
+    worker_concurrency=settings.pool_size,
     # Flower sees tasks as soon as they are sent, not only when a worker starts them.
     worker_send_task_events=True,
     task_send_sent_event=True,

@@ -36,7 +36,7 @@ def esms_client() -> EsmsClient:
     return EsmsClient(
         settings.esms_base_url,
         settings.esms_timeout_seconds,
-        max_connections=settings.worker_concurrency,
+        max_connections=settings.pool_size,
     )
 
 

@@ -9,6 +9,7 @@ builds a request body.
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -22,10 +23,9 @@ DEFAULT_ACCOUNT = "default"
 MAX_LIMITER_WAIT_SECONDS = 10.0
 # Time a batch's lease must still have, beyond the wait and the request, for the final write.
 LEASE_WRITE_RESERVE_SECONDS = 5.0
-# Polls one worker runs at once (greenlets; each holds a task, and at most one request in
-# flight). A cap, not a cost: the scheduler queues about rate x SCHEDULE_LOOKAHEAD_SECONDS
-# batches per busy account (58 at the defaults), an idle account none.
-DEFAULT_WORKER_CONCURRENCY = 500
+# Room in a worker's pool beyond the batches the scheduler may keep in flight: its own ticks
+# (which must never wait behind polls) and the halves of batches answered Code 105.
+_SPARE_GREENLETS = 50
 
 
 class AccountKeys(BaseModel):
@@ -95,8 +95,8 @@ class Settings(BaseSettings):
     # A claimed batch belongs to its task for this long; a worker that dies loses it only this long.
     lease_seconds: float = Field(60, gt=0)
 
-    # Polls one `celery worker` runs at once (gevent greenlets).
-    worker_concurrency: int = Field(DEFAULT_WORKER_CONCURRENCY, ge=1)
+    # Tasks one `celery worker` runs at once (gevent greenlets); unset, see `pool_size`.
+    worker_concurrency: int | None = Field(None, ge=1)
 
     # Prometheus endpoint of each `celery worker` (its main process); 0 turns it off. Loopback
     # by default: the numbers are not secret, but nothing outside the host needs to reach it.
@@ -148,6 +148,18 @@ class Settings(BaseSettings):
                 DEFAULT_ACCOUNT, self.esms_api_key, self.esms_secret_key
             )
         return found
+
+    @property
+    def pool_size(self) -> int:
+        """WORKER_CONCURRENCY, or room for every batch the scheduler may keep in flight for every
+        configured account (rate x SCHEDULE_LOOKAHEAD_SECONDS each: 58 at the defaults) plus 50.
+        A greenlet exists only while it runs a task, so the room an idle account has costs
+        nothing; a pool too small for the busy accounts would hold the scheduler's ticks behind
+        polls waiting for their rate slots."""
+        if self.worker_concurrency is not None:
+            return self.worker_concurrency
+        per_account = math.ceil(self.effective_rate_per_second * self.schedule_lookahead_seconds)
+        return max(1, len(self.accounts)) * per_account + _SPARE_GREENLETS
 
     @property
     def lease_min_remaining_seconds(self) -> float:

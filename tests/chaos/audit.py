@@ -31,7 +31,6 @@ FAST = {
     "LEASE_SECONDS": "20",
     "SCHEDULE_LOOKAHEAD_SECONDS": "1",
     "ESMS_BATCH_SIZE": "20",
-    "WORKER_CONCURRENCY": "8",
     # The margin absorbs the jitter between a request's rate slot and its arrival. The default
     # 4 % (42 ms per 21 requests) once let 21 requests into one second here, where these tests
     # share two cores with whatever else runs; 10 % leaves 100 ms. The tests prove that the

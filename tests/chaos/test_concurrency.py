@@ -58,9 +58,9 @@ def test_workers_on_two_hosts_share_the_rate(
     emulator = emulator_with("--latency-min-ms", "50", "--latency-max-ms", "300")
     rows = new_messages(2000, OAS)
     insert_messages(engine, emulator, rows)
-    host_a = daemon_env(database_url, broker_url, emulator.url, WORKER_CONCURRENCY="6", **KEYS)
+    host_a = daemon_env(database_url, broker_url, emulator.url, **KEYS)
     host_b = daemon_env(
-        database_url, broker_url, emulator.url, WORKER_CONCURRENCY="4", ESMS_TIMEOUT_SECONDS="3",
+        database_url, broker_url, emulator.url, ESMS_TIMEOUT_SECONDS="3",
         **KEYS,
     )  # fmt: skip
     workers = [

@@ -62,7 +62,6 @@ def daemon_env(settings_url: str, redis_url: str, emulator_url: str, **extra: st
         ESMS_SECRET_KEY=TEST_SECRET_KEY,
         POLL_INTERVAL_SECONDS="1",
         POLL_MAX_INTERVAL_SECONDS="2",
-        WORKER_CONCURRENCY="8",
         **extra,
     )
 

@@ -36,7 +36,6 @@ def test_flower_shows_the_worker_and_the_poll_tasks(engine, database_url, redis_
     rows = [{"ref_id": uuid.uuid4().hex, "oa_id": oas[i % 2]} for i in range(60)]
     emulator.admin("POST", "/messages", json={"messages": rows})
     env = daemon_env(database_url, redis_url, emulator.url, METRICS_PORT="0")
-    env.update(WORKER_CONCURRENCY="2")
 
     port = free_port()
     flower_env = dict(env, FLOWER_BASIC_AUTH=":".join(AUTH))

@@ -32,7 +32,6 @@ def test_inspect_ping_answers_for_worker_and_beat(engine, database_url, redis_ur
         ESMS_API_KEY="health-key",
         ESMS_SECRET_KEY="health-secret",
         ESMS_BASE_URL="http://127.0.0.1:9",  # nothing is due: never called
-        WORKER_CONCURRENCY="1",
         METRICS_PORT="0",
     )
     suffix = uuid.uuid4().hex[:8]

@@ -70,7 +70,7 @@ def test_worker_serves_metrics_and_both_log_json(engine, database_url, redis_url
 
     port = free_port()
     env = daemon_env(database_url, redis_url, emulator.url, METRICS_PORT=str(port))
-    env.update(WORKER_CONCURRENCY="3", LOG_FORMAT="json")
+    env.update(LOG_FORMAT="json")
     worker = celery(children, "worker", env)
     beat = celery(children, "beat", env)
     url = f"http://127.0.0.1:{port}/metrics"

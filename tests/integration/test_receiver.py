@@ -390,7 +390,6 @@ def test_pushes_resolve_most_messages_and_polls_reconcile_the_rest(
         POLL_INTERVAL_SECONDS="1",
         POLL_MAX_INTERVAL_SECONDS="2",
         PUSH_GRACE_SECONDS="6",
-        WORKER_CONCURRENCY="4",
     )
     celery(children, "worker", env)
     celery(children, "beat", env)

@@ -14,7 +14,7 @@ ENV_EXAMPLE = Path(__file__).resolve().parents[2] / ".env.example"
 # `# NAME=value` lines up to the compose-demo section, which repeats names with demo values.
 _LINE = re.compile(r"^# ([A-Z][A-Z0-9_]*)=(.*)$", re.M)
 # Settings without a fixed default: the example shows a typical value instead.
-_NO_FIXED_DEFAULT: set[str] = set()
+_NO_FIXED_DEFAULT = {"WORKER_CONCURRENCY"}
 # Read by Flower (docker compose), not by the daemon.
 _NOT_DAEMON_SETTINGS = {"FLOWER_BASIC_AUTH"}
 

@@ -327,3 +327,14 @@ def test_database_url_spellings_all_mean_psycopg3(given):
     settings = Settings(_env_file=None, database_url=given)
     assert settings.sqlalchemy_url == "postgresql+psycopg://u:p@db:5432/esms"
     assert settings.libpq_url == "postgresql://u:p@db:5432/esms"
+
+
+def test_pool_has_room_for_every_accounts_lookahead():
+    one = Settings(_env_file=None, esms_api_key="k", esms_secret_key="s")
+    assert one.pool_size == 58 + 50
+    four = Settings(
+        _env_file=None,
+        esms_accounts={f"a{i}": {"api_key": f"k{i}", "secret_key": "s"} for i in range(4)},
+    )
+    assert four.pool_size == 4 * 58 + 50
+    assert Settings(_env_file=None, worker_concurrency=7).pool_size == 7
