@@ -14,7 +14,7 @@ from tests.processes import start_emulator
 from worker import poller, scheduler, store
 from worker.cooloff import CoolOffs, account_scope
 from worker.esms_client import EsmsClient
-from worker.ratelimit import RateLimiter, RatePolicy
+from worker.ratelimit import RateLimiter, RatePolicy, SlotRefused
 
 pytestmark = pytest.mark.integration
 
@@ -277,3 +277,27 @@ def test_code_105_without_a_queue_releases_the_batch(poll, engine, emulator):
     assert result.outcome is poller.Outcome.FAILED and "Code 105" in result.reason
     rows = snapshot(engine)
     assert all(row["lease_id"] is None and row["poll_count"] == 0 for row in rows.values())
+
+
+def test_the_limiters_last_word_comes_as_the_request_leaves(emulator, make_settings):
+    """`before_send` runs once the connection is ready, right before the first byte; whatever
+    it raises stops the request before anything reaches the provider."""
+    settings = make_settings(esms_base_url=emulator.url)
+    emulator.admin("POST", "/reset")
+    client = EsmsClient(settings.esms_base_url, 2)
+    account = settings.accounts["default"]
+    seen = []
+
+    def refuse():
+        seen.append(len(emulator.admin("GET", "/requests")["requests"]))
+        raise SlotRefused("late")
+
+    try:
+        with pytest.raises(SlotRefused):
+            client.get_callback(account, "oa", ["a"], before_send=refuse)
+        assert emulator.admin("GET", "/requests")["requests"] == []
+        client.get_callback(account, "oa", ["a"], before_send=lambda: seen.append("sent"))
+    finally:
+        client.close()
+    assert seen == [0, "sent"]
+    assert len(emulator.admin("GET", "/requests")["requests"]) == 1

@@ -337,6 +337,20 @@ def test_limiter_is_exact_and_greedy(gaps: list[float], limit: int) -> None:
     assert max_in_window(admitted, 1.0) <= limit
 
 
+def test_a_stricter_provider_counts_what_it_refuses() -> None:
+    # 18 per second, refused requests counted: a client sending 20 per second for two seconds
+    # is refused more and more, because each refusal keeps the window full.
+    limiter = SlidingWindowLimiter()
+    lenient = SlidingWindowLimiter()
+    times = [T0 + i * 0.05 for i in range(40)]
+    strict = [limiter.admit("k", t, 18, 1.0, count_refused=True) for t in times]
+    plain = [lenient.admit("k", t, 18, 1.0) for t in times]
+    assert strict[:18] == plain[:18] == [True] * 18
+    assert sum(strict) == 18 < sum(plain)
+    # Once it slows down below the limit, the window drains and it is admitted again.
+    assert limiter.admit("k", times[-1] + 1.01, 18, 1.0, count_refused=True)
+
+
 def test_max_in_window_counts_half_open_windows() -> None:
     assert max_in_window([], 1.0) == 0
     assert max_in_window([0.0, 1.0, 2.0], 1.0) == 1
