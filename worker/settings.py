@@ -90,7 +90,10 @@ class Settings(BaseSettings):
 
     # How often beat runs the scheduler, and how many seconds of the rate budget it keeps queued
     # ahead of the workers: enough to cover one tick plus the slowest response, never more.
-    schedule_tick_seconds: float = Field(1.0, gt=0)
+    # Half a second: a tick claims half a second of every busy account's rate, so its burst of
+    # work in Postgres and in the worker is small enough not to make polls miss their slots
+    # (with 1 s ticks twice as many polls woke too late for theirs: docs/benchmarks.md).
+    schedule_tick_seconds: float = Field(0.5, gt=0)
     schedule_lookahead_seconds: float = Field(3.0, gt=0)
     # A claimed batch belongs to its task for this long; a worker that dies loses it only this long.
     lease_seconds: float = Field(60, gt=0)

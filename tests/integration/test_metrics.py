@@ -117,7 +117,8 @@ def test_worker_serves_metrics_and_both_log_json(engine, database_url, redis_url
 
 def test_backlog_gauges_follow_the_pending_rows_every_tenth_tick(engine, make_settings):
     settings = make_settings(
-        esms_accounts={"shopb": {"api_key": "kb-1234", "secret_key": "sb-1234"}}
+        esms_accounts={"shopb": {"api_key": "kb-1234", "secret_key": "sb-1234"}},
+        schedule_tick_seconds=1,
     )
     with engine.begin() as conn:
         conn.execute(
