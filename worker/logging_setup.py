@@ -3,7 +3,7 @@
 `celery worker` and `celery beat` configure logging themselves and then send
 `after_setup_logger` (root) and `after_setup_task_logger` (task logger); `worker.celery` answers
 both with `install`, which puts the chosen formatter on the handlers Celery made, so Celery keeps
-its levels, log files and stdout redirection. Pool processes inherit the handlers at fork.
+its levels, log files and stdout redirection.
 
 A JSON line is one object: `time` (UTC, ISO 8601), `level`, `logger`, `message`, then whichever of
 `FIELDS` the log call passed with `extra=` (the poller passes account, oa, size and duration for

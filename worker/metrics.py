@@ -120,7 +120,7 @@ def refresh_backlog(engine: Engine, settings: Settings) -> None:
     """After a scheduler tick: set the backlog gauges every `BACKLOG_REFRESH_SECONDS`.
 
     Which tick refreshes is decided by the shared tick counter in Postgres, not by this process:
-    ticks land on any pool process of any worker, so a per-process timer would not spread them.
+    ticks land on any worker, so a per-process timer would not spread them.
     A failure only costs a stale gauge; the tick itself is already committed.
     """
     accounts = list(settings.accounts)

@@ -34,9 +34,10 @@ log = logging.getLogger(__name__)
 def interleave_accounts(per_account: Sequence[Sequence[Batch]]) -> list[Batch]:
     """One batch of each account in turn, each account's own order kept.
 
-    Pool processes take tasks in queue order and wait in them for their account's rate slot: a
-    queue holding one account's batches ahead of another's would park every process on the first
-    account's slots while the second account's go unused.
+    Workers take tasks in queue order and wait in them for their account's rate slot: a queue
+    holding one account's batches ahead of another's would start every account's polls late but
+    the first's, and a worker whose pool is full would wait on the first account's slots while the
+    second account's go unused.
     """
     return [batch for batch in chain.from_iterable(zip_longest(*per_account)) if batch is not None]
 
