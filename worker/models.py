@@ -65,8 +65,14 @@ messages = Table(
     CheckConstraint(
         "state IN ('pending', 'sent', 'failed', 'rejected', 'expired')", name="messages_state_check"
     ),
-    # Due work per account, oldest first.
-    Index("messages_due_idx", "account", "next_poll_at", postgresql_where=PENDING),
+    # Due work per account, oldest first. Only pending rows have a next poll time; keyed on that
+    # (not on state) so the planner estimates the claim right (migration 0005).
+    Index(
+        "messages_due_at_idx",
+        "account",
+        "next_poll_at",
+        postgresql_where=text("next_poll_at IS NOT NULL"),
+    ),
     # New rows the scheduler has not given a first poll time yet.
     Index(
         "messages_new_idx",

@@ -136,19 +136,21 @@ _LEASE_ROWS = text(
 # A tick's claim for one account, in one statement: the oldest due rows, grouped per OAId into
 # batches of at most :batch_size in due order, the oldest :wanted batches chosen, their rows
 # locked (SKIP LOCKED: a row another transaction holds waits for the next tick), leased, and the
-# batches recorded with the rows actually leased. Candidates are read, unlocked, up to twice the
-# rows wanted, so that an OA whose due rows straddle the cut still fills its batches; when even
-# that many are due, a short batch may be short only because the cut left its OA's other rows
-# out, so short batches then come after every full one (a big backlog goes out in full requests;
-# a small OA's few rows go as soon as the backlog is below twice a tick's worth). A short batch
-# made only of rows that may wait for more (POLL_BATCH_FILL_SECONDS) is not taken.
+# batches recorded with the rows actually leased. Candidates are the rows with a next poll time
+# (only pending rows have one; the lock re-checks the state, and migration 0005 says why the
+# query does not), read unlocked, up to twice the rows wanted, so that an OA whose due rows
+# straddle the cut still fills its batches; when even that many are due, a short batch may be
+# short only because the cut left its OA's other rows out, so short batches then come after
+# every full one (a big backlog goes out in full requests; a small OA's few rows go as soon as
+# the backlog is below twice a tick's worth). A short batch made only of rows that may wait for
+# more (POLL_BATCH_FILL_SECONDS) is not taken.
 _CLAIM_BATCHES = text(
     """
     WITH candidates AS (
         SELECT ref_id, oa_id, next_poll_at,
                poll_count = 0 AND next_poll_at > now() - make_interval(secs => :fill) AS may_wait
         FROM messages
-        WHERE state = 'pending' AND account = :account AND next_poll_at <= now()
+        WHERE account = :account AND next_poll_at <= now()
           AND oa_id <> '' AND NOT (oa_id = ANY(:skip_oas))
         ORDER BY next_poll_at
         LIMIT :candidates
@@ -171,11 +173,15 @@ _CLAIM_BATCHES = text(
         WHERE size >= :batch_size OR NOT may_wait
         ORDER BY maybe_cut, oldest, oa_id, chunk
         LIMIT :wanted
+    ), members AS MATERIALIZED (
+        -- Two narrow columns: FOR UPDATE below carries each joined row whole, and a row of
+        -- `chosen` holds its batch's whole RefId array.
+        SELECT r.ref_id, c.id AS batch_id
+        FROM chosen AS c CROSS JOIN unnest(c.ref_ids) AS r(ref_id)
     ), locked AS (
-        SELECT m.ref_id, c.id AS batch_id
-        FROM chosen AS c
-        CROSS JOIN unnest(c.ref_ids) AS r(ref_id)
-        JOIN messages AS m ON m.ref_id = r.ref_id
+        SELECT m.ref_id, w.batch_id
+        FROM members AS w
+        JOIN messages AS m ON m.ref_id = w.ref_id
         WHERE m.state = 'pending' AND m.next_poll_at <= now()
         FOR UPDATE OF m SKIP LOCKED
     ), leased AS (
