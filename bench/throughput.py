@@ -29,7 +29,7 @@ Worlds (`--scenario`, or `all`):
     idle-memory 4 accounts configured, nothing to poll: PSS of an idle worker after 20 s
 
     .venv/bin/python bench/throughput.py --scenario one
-    .venv/bin/python bench/throughput.py --scenario all      # every world, ~12 minutes
+    .venv/bin/python bench/throughput.py --scenario all      # every world, ~7 minutes
 
 Results are printed and written as JSON to bench/results/.
 """
