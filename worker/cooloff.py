@@ -62,13 +62,6 @@ class CoolOffs:
         values = self._redis.mget([_PAUSE + scope for scope in scopes])
         return {scope for scope, value in zip(scopes, values, strict=True) if value is not None}
 
-    def remaining(self, *scopes: str) -> float:
-        """Seconds until the longest running cool-off of `scopes` ends; 0 when none runs."""
-        pipe = self._redis.pipeline(transaction=False)
-        for scope in scopes:
-            pipe.pttl(_PAUSE + scope)
-        return max([0, *pipe.execute()]) / 1000
-
     def keys(self, *scopes: str) -> list[str]:
         """The Redis keys that exist while `scopes` cool off (for a check inside a script)."""
         return [_PAUSE + scope for scope in scopes]

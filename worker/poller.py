@@ -85,20 +85,15 @@ def poll_batch(
         )  # fmt: skip
         return PollResult(Outcome.UNKNOWN_ACCOUNT, size, reason="account not configured")
 
+    budget = account.limiter_key
     scopes = (account_scope(batch.account), oa_scope(batch.account, batch.oa_id))
     waiting_since = time.monotonic()
     deadline = waiting_since + MAX_LIMITER_WAIT_SECONDS
     while True:
-        slot = limiter.wait_for_slot(account.limiter_key, deadline - time.monotonic())
+        slot = limiter.wait_for_slot(budget, deadline - time.monotonic())
         if slot is None:
-            _release(engine, batch, 0)
-            metrics.BATCHES.labels(Outcome.NO_SLOT).inc()
-            log.info(
-                "account=%s oa=%s size=%d: no rate slot within %.0fs, batch released",
-                batch.account, batch.oa_id, size, MAX_LIMITER_WAIT_SECONDS,
-                extra=_fields(batch, size, reason="no rate slot"),
-            )  # fmt: skip
-            return PollResult(Outcome.NO_SLOT, size)
+            why = f"no rate slot within {MAX_LIMITER_WAIT_SECONDS:.0f}s"
+            return _give_back(engine, batch, 0, Outcome.NO_SLOT, "no rate slot", why)
         _count_slot(batch.account, slot, time.monotonic() - waiting_since)
 
         # The limiter has the last word as the request's first byte is about to leave; it also
@@ -112,20 +107,24 @@ def poll_batch(
             break
         except SlotRefused as refused:
             if refused.reason == "blocked":
-                return _paused(engine, batch, refused.blocked_seconds)
+                paused_for = refused.blocked_seconds
+                why = f"cooling off for {paused_for:.0f}s after a refusal"
+                return _give_back(engine, batch, paused_for, Outcome.PAUSED, "cooling off", why)
             metrics.SENDS_RETIMED.labels(batch.account, refused.reason).inc()
             continue
         except ProviderError as exc:
             elapsed = time.monotonic() - started
             sent = sent_at[0] if sent_at else None
-            return _failed(exc, elapsed, batch, settings, engine, limiter, cooloffs, enqueue, sent)
+            return _failed(
+                exc, elapsed, sent, batch, budget, settings, engine, limiter, cooloffs, enqueue
+            )
     elapsed = time.monotonic() - started
     metrics.REQUESTS.labels(batch.account, metrics.request_result(None)).inc()
     metrics.REQUEST_SECONDS.labels(batch.account).observe(elapsed)
     with store.single_statements(engine) as conn:
         completed = store.complete_batch(conn, batch, records, settings)
     # After the commit: the answer is safe in Postgres even if Redis is away for this call.
-    cooloffs.clear(account_scope(batch.account), oa_scope(batch.account, batch.oa_id))
+    cooloffs.clear(*scopes)
     # Counted after the commit: a write that failed resolved nothing.
     for state, count in completed.resolved.items():
         metrics.RESOLVED.labels(state).inc(count)
@@ -146,13 +145,14 @@ def poll_batch(
 def _failed(
     exc: ProviderError,
     elapsed: float,
+    sent_at_us: int | None,
     batch: store.Batch,
+    budget: str,
     settings: Settings,
     engine: Engine,
     limiter: RateLimiter,
     cooloffs: CoolOffs,
     enqueue: Callable[[Sequence[store.Batch]], None] | None,
-    sent_at_us: int | None,
 ) -> PollResult:
     """A request that got no usable answer: count it, react to what the provider said (rate
     cut, cool-off, split), release the batch, one log line."""
@@ -161,7 +161,6 @@ def _failed(
     metrics.REQUEST_SECONDS.labels(batch.account).observe(elapsed)
     if isinstance(exc, RateLimited):
         if sent_at_us is not None:
-            budget = settings.accounts[batch.account].limiter_key
             _slow_down(limiter, budget, batch.account, sent_at_us)
         delay = RATE_LIMITED_RETRY_SECONDS
     elif isinstance(exc, AccountRejected):
@@ -189,16 +188,18 @@ def _failed(
     return PollResult(Outcome.FAILED, size, reason=exc.reason)
 
 
-def _paused(engine: Engine, batch: store.Batch, paused_for: float) -> PollResult:
+def _give_back(
+    engine: Engine, batch: store.Batch, delay: float, outcome: Outcome, reason: str, why: str
+) -> PollResult:
+    """Release a batch unsent, due again after `delay`, with one log line saying `why`."""
     size = len(batch.ref_ids)
-    _release(engine, batch, paused_for)
-    metrics.BATCHES.labels(Outcome.PAUSED).inc()
+    _release(engine, batch, delay)
+    metrics.BATCHES.labels(outcome).inc()
     log.info(
-        "account=%s oa=%s size=%d: cooling off for %.0fs after a refusal, batch released",
-        batch.account, batch.oa_id, size, paused_for,
-        extra=_fields(batch, size, reason="cooling off"),
+        "account=%s oa=%s size=%d: %s, batch released", batch.account, batch.oa_id, size, why,
+        extra=_fields(batch, size, reason=reason),
     )  # fmt: skip
-    return PollResult(Outcome.PAUSED, size, reason="cooling off")
+    return PollResult(outcome, size, reason=reason)
 
 
 def _confirming(

@@ -49,9 +49,10 @@ CEILING = 0.95
 PROBE_AFTER_SECONDS = 300.0
 PROBE_PER_SECOND = 0.02
 
-# The current rate of a budget, in Lua, from its state `s` (HMGET of tat, epoch, cut_rate,
-# cut_at, ceiling) at `now`; `max_rate` and the AIMD constants come from ARGV/literals.
-_CURRENT_RATE = f"""
+# Lua shared by the scripts: the current rate of a budget from its state `s` (HMGET of tat,
+# epoch, cut_rate, cut_at, ceiling) at `now` (`max_rate` from ARGV, the AIMD constants literal),
+# Redis's clock, and number formatting.
+_HELPERS = f"""
 local function current_rate(s, now, max_rate)
   if not s[3] then return max_rate end
   local since = (now - tonumber(s[4])) / 1e6
@@ -66,17 +67,21 @@ local function now_us()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000000 + tonumber(t[2])
 end
+-- Now, the budget's state (KEYS[1]) and the rate in force.
+local function load_state(max_rate)
+  local now = now_us()
+  local s = redis.call('HMGET', KEYS[1], 'tat', 'epoch', 'cut_rate', 'cut_at', 'ceiling')
+  return now, s, current_rate(s, now, max_rate)
+end
 """
 
 # KEYS[1] state; ARGV: max_rate, max_wait_us. Returns {granted, wait_us, slot_us, epoch,
 # rate_millis, recovered}. `recovered` is 1 for the one caller that finds the rate back to full.
 _RESERVE = (
-    _CURRENT_RATE
+    _HELPERS
     + f"""
-local now = now_us()
 local max_rate = tonumber(ARGV[1])
-local s = redis.call('HMGET', KEYS[1], 'tat', 'epoch', 'cut_rate', 'cut_at', 'ceiling')
-local rate = current_rate(s, now, max_rate)
+local now, s, rate = load_state(max_rate)
 local recovered = 0
 if s[3] and rate >= max_rate then
   redis.call('HDEL', KEYS[1], 'cut_rate', 'cut_at', 'ceiling')
@@ -98,9 +103,10 @@ return {{1, math.floor(wait), math.floor(tat), epoch, math.floor(rate * 1000), r
 # KEYS[1] state, KEYS[2] send log, KEYS[3..] keys whose existence blocks the send; ARGV:
 # slot_us, epoch, late_tolerance_us, window_us, window_limit, member. Returns {result, now_us,
 # blocked_ms}: 1 sent, 2 rate changed, 3 late, 4 window full, 5 blocked.
-_CONFIRM = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+_CONFIRM = (
+    _HELPERS
+    + """
+local now = now_us()
 for i = 3, #KEYS do
   local ttl = redis.call('PTTL', KEYS[i])
   if ttl > 0 then return {5, now, ttl} end
@@ -114,16 +120,14 @@ redis.call('ZADD', KEYS[2], string.format('%d', now), ARGV[6])
 redis.call('PEXPIRE', KEYS[2], math.ceil(tonumber(ARGV[4]) / 1000) + 1000)
 return {1, now, 0}
 """
+)
 
 # KEYS[1] state; ARGV: sent_at_us, max_rate, floor, provider_window_us. Returns {cut, old_millis,
 # new_millis}: cut is 0 when this refusal belongs to a congestion event already answered.
 _CONGESTION = (
-    _CURRENT_RATE
+    _HELPERS
     + f"""
-local now = now_us()
-local max_rate = tonumber(ARGV[2])
-local s = redis.call('HMGET', KEYS[1], 'tat', 'epoch', 'cut_rate', 'cut_at', 'ceiling')
-local rate = current_rate(s, now, max_rate)
+local now, s, rate = load_state(tonumber(ARGV[2]))
 if s[4] and tonumber(ARGV[1]) < tonumber(s[4]) + tonumber(ARGV[4]) then
   return {{0, math.floor(rate * 1000), math.floor(rate * 1000)}}
 end

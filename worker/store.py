@@ -13,7 +13,6 @@ undo: the rows fall due again when the lease runs out.
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, fields
@@ -650,7 +649,7 @@ def track(conn: Connection, messages: Sequence[NewMessage]) -> int:
     for start in range(0, len(messages), _TRACK_CHUNK):
         chunk = messages[start : start + _TRACK_CHUNK]
         rows = [{"ref_id": m.ref_id, "oa_id": m.oa_id, "account": m.account} for m in chunk]
-        inserted += conn.execute(_TRACK, {"rows": json.dumps(rows)}).rowcount
+        inserted += conn.execute(_TRACK, {"rows": _json(rows)}).rowcount
     return inserted
 
 
