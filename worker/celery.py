@@ -4,25 +4,34 @@ Everything a reader needs to know about how tasks run is in this file. The bare
 `celery -A worker worker` reaches full throughput: one process on Celery's gevent pool (see
 worker.green for how it gets there) runs up to WORKER_CONCURRENCY polls at once, each a greenlet
 that waits for its rate slot, the provider and Postgres without holding a process. The signal
-handlers at the end give worker and beat the LOG_FORMAT (worker.logging_setup), and the worker
+handlers at the end give worker and beat the LOG_FORMAT (worker.logging_setup), make both refuse
+to start on a schema revision this release does not know (worker.schema), and give the worker
 its metrics endpoint (worker.metrics).
 `RedisTransport` is kombu's Redis transport with one crash on a lost broker connection repaired.
 """
 
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 
 from celery import Celery
-from celery.signals import after_setup_logger, after_setup_task_logger, worker_ready
+from celery.signals import (
+    after_setup_logger,
+    after_setup_task_logger,
+    beat_init,
+    celeryd_after_setup,
+    worker_ready,
+)
 from celery.utils.log import get_multiprocessing_logger
 from kombu import Queue
 from kombu.transport import redis as kombu_redis
 
-from worker import logging_setup, metrics
+from worker import logging_setup, metrics, schema
 from worker.settings import get_settings
 
 settings = get_settings()
+log = logging.getLogger(__name__)
 
 
 class RedisTransport(kombu_redis.Transport):
@@ -129,3 +138,25 @@ def _task_log_format(logger, **_kwargs) -> None:
 @worker_ready.connect
 def _metrics_endpoint(**_kwargs) -> None:
     metrics.serve(settings)
+
+
+def _require_known_schema(program: str) -> None:
+    """Exit with status 1 and one log line when the database's schema is not this release's."""
+    try:
+        schema.verify(settings)
+    except schema.SchemaMismatch as mismatch:
+        log.critical("%s refuses to start: %s", program, mismatch)
+        # SystemExit, not an exception: Celery would log an exception with its traceback.
+        raise SystemExit(1) from None
+
+
+# Sent in the worker's final process (after the re-execution onto gevent, worker.green) once its
+# logging is set up, before it consumes anything.
+@celeryd_after_setup.connect
+def _worker_schema_check(**_kwargs) -> None:
+    _require_known_schema("celery worker")
+
+
+@beat_init.connect
+def _beat_schema_check(**_kwargs) -> None:
+    _require_known_schema("celery beat")
