@@ -1,12 +1,17 @@
 """The merge rules: how provider data moves a message's row forward, and never backward.
 
-Polls (GetCallback) and, later, pushes (the CallbackUrl) both land here. Three rules:
-- State: SendStatus 5 is final, `sent` when SendSuccess >= 1 else `failed`; SendStatus 4 is final,
-  `rejected`; any other value (0, 1, 2, 7, unknown) keeps the message `pending`.
+Polls (GetCallback) and pushes (the CallbackUrl) both land here. The rules:
+- State: SendStatus 4 is final, `rejected`. SendStatus 5 ("sent", done) is final once the report
+  says how it ended: `sent` when SendSuccess >= 1, `failed` when SendFailed >= 1 or SendSuccess
+  is 0. A SendStatus 5 that carries neither count says the send is done but not how: the row
+  keeps it and stays `pending` (polled again) until a report with the outcome comes, rather than
+  guess `failed` for ever. Any other value (0, 1, 2, 7, unknown) keeps the message `pending`.
 - Forward only: every report has a rank; a report replaces a pending row's data only when its rank
-  is at least the rank of what the row holds, and a final row never changes again.
-- Duplicates: of several reports for one SMSID in one response, the most advanced one wins (the
-  last of equals, as the provider lists them in order).
+  is at least the rank of what the row holds, and a provider's final state never changes again.
+  `expired` is our verdict, not the provider's: a final report that comes later replaces it.
+- Known values stay: a field the report lacks (absent or null) leaves the row's value as it is.
+- Duplicates: of several reports for one SMSID in one response, the most advanced one wins (one
+  with an outcome over one without, then the last of equals, as the provider lists them).
 `store.merge_callbacks` runs these rules in one SQL statement; the SQL rank expression is generated
 from `STATUS_RANK` below so the rules have exactly one definition.
 """
@@ -49,7 +54,12 @@ def status_rank(send_status: int | None) -> int:
 
 def derive_state(record: CallbackRecord) -> State:
     if record.send_status == SEND_STATUS_SENT:
-        return State.SENT if (record.send_success or 0) >= 1 else State.FAILED
+        success, failed = record.send_success, record.send_failed
+        if success is not None and success >= 1:
+            return State.SENT
+        if (failed is not None and failed >= 1) or success == 0:
+            return State.FAILED
+        return State.PENDING  # done, but the report does not say how: wait for one that does
     if record.send_status == SEND_STATUS_REJECTED:
         return State.REJECTED
     return State.PENDING
@@ -61,12 +71,13 @@ def record_rank(record: CallbackRecord) -> int:
 
 def most_advanced(records: Iterable[CallbackRecord]) -> list[CallbackRecord]:
     """One record per SMSID: the highest rank, and the later of equal ranks; first-seen order."""
-    chosen: dict[str, CallbackRecord] = {}
+    chosen: dict[str, tuple[tuple[int, bool], CallbackRecord]] = {}
     for record in records:
+        key = (record_rank(record), derive_state(record) is not State.PENDING)
         current = chosen.get(record.ref_id)
-        if current is None or record_rank(record) >= record_rank(current):
-            chosen[record.ref_id] = record
-    return list(chosen.values())
+        if current is None or key >= current[0]:
+            chosen[record.ref_id] = (key, record)
+    return [record for _, record in chosen.values()]
 
 
 def sql_status_rank(column: str) -> str:

@@ -62,6 +62,9 @@ messages = Table(
     Column("lease_id", Uuid),
     # Set when an operator revives an expired message: its maximum age counts from here again.
     Column("repolled_at", DateTime(timezone=True)),
+    # Polls in a row that answered Code 105 for this RefId alone (migration 0006): such a RefId
+    # is polled alone, on its own backoff, until an answer proves the provider knows it.
+    Column("not_found_count", Integer, nullable=False, server_default=text("0")),
     CheckConstraint(
         "state IN ('pending', 'sent', 'failed', 'rejected', 'expired')", name="messages_state_check"
     ),

@@ -147,7 +147,7 @@ class PushWriter:
 
     def __call__(self, records: Sequence[CallbackRecord]) -> Written:
         with self.engine.begin() as conn:
-            changed = store.merge_callbacks(conn, records, source="push")
+            changed = store.merge_callbacks(conn, records, source="push").changed
             ref_ids = {record.ref_id for record in records}
             # Every SMSID moved a row: all are known. Otherwise ask which have a row.
             known = ref_ids if changed == len(ref_ids) else store.known_ref_ids(conn, ref_ids)

@@ -110,7 +110,9 @@ def schedule_tick(
         # With pushes, a new message waits out the grace first: most never need a poll.
         first_poll = max(settings.poll_interval_seconds, settings.push_grace_seconds)
         report.initialized = store.initialize_new(conn, first_poll)
-        report.expired = store.expire_old(conn, settings.message_max_age_seconds)
+        report.expired = store.expire_old(
+            conn, settings.message_max_age_seconds, list(settings.accounts)
+        )
         report.lapsed = store.drop_lapsed_batches(conn)
         if report.expired or _unpollable_check_due():
             _report_unpollable(store.unpollable(conn, list(settings.accounts)))

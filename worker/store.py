@@ -86,6 +86,12 @@ _INITIALIZE_NEW = text(
     """
 )
 
+# A pending row expires once it is past its maximum age (from created_at, or from repolled_at
+# for a row an operator revived) AND has been polled since then: its backoff never schedules a
+# poll after that point (_next_poll_sql), so a row the poller could reach gets one last look
+# first, and an outage longer than the maximum age expires nothing unpolled. A row a request
+# holds (a lease not yet run out) is left to that request. Rows no request can carry (no OAId,
+# an account not configured) expire at the age alone.
 _EXPIRE_OLD = text(
     """
     WITH expired AS (
@@ -96,6 +102,10 @@ _EXPIRE_OLD = text(
             SELECT ref_id FROM messages
             WHERE state = 'pending' AND created_at <= now() - make_interval(secs => :max_age)
               AND (repolled_at IS NULL OR repolled_at <= now() - make_interval(secs => :max_age))
+              AND (lease_id IS NULL OR next_poll_at <= now())
+              AND (last_polled_at >= COALESCE(repolled_at, created_at)
+                                     + make_interval(secs => :max_age)
+                   OR oa_id = '' OR NOT (account = ANY(:accounts)))
             LIMIT :limit FOR UPDATE SKIP LOCKED)
         RETURNING ref_id, send_status)
     INSERT INTO message_history (ref_id, source, old_state, new_state, old_send_status,
@@ -273,12 +283,16 @@ def initialize_new(conn: Connection, first_poll_seconds: float, limit: int = 50_
     return result.rowcount
 
 
-def expire_old(conn: Connection, max_age_seconds: float, limit: int = 50_000) -> int:
-    """Give up on pending rows older than the maximum age: state `expired`, never polled again.
+def expire_old(
+    conn: Connection, max_age_seconds: float, accounts: Sequence[str], limit: int = 50_000
+) -> int:
+    """Give up on pending rows past the maximum age that were polled once more at that age (or
+    that no request can carry: see _EXPIRE_OLD): state `expired`, not polled again, though a
+    final report that arrives later (poll or push) still replaces it.
 
     The age counts from `created_at`, or from `repolled_at` for a message an operator revived."""
-    result = conn.execute(_EXPIRE_OLD, {"max_age": max_age_seconds, "limit": limit})
-    return result.rowcount
+    params = {"max_age": max_age_seconds, "accounts": list(accounts), "limit": limit}
+    return conn.execute(_EXPIRE_OLD, params).rowcount
 
 
 def drop_lapsed_batches(conn: Connection) -> int:
@@ -322,6 +336,18 @@ def lease_batches(
         _LEASE_ROWS,
         {"ids": [batch.id for batch in batches], "lease": lease_seconds, "from_batch": from_batch},
     )
+
+
+def _next_poll_sql(row: str, base: str, max_interval: str, max_age: str) -> str:
+    """When a polled row is due again: its backoff (`base` doubling per poll, at most
+    `max_interval`), but never after the end of its maximum age, so that the expiry sweep finds
+    every row looked at once more at that age (an outage does not expire rows unpolled)."""
+    backoff = (
+        f"now() + make_interval(secs => LEAST({base} * power(2, LEAST({row}.poll_count, 30)), "
+        f"{max_interval}))"
+    )
+    deadline = f"COALESCE({row}.repolled_at, {row}.created_at) + make_interval(secs => {max_age})"
+    return f"CASE WHEN {deadline} > now() THEN LEAST({backoff}, {deadline}) ELSE {backoff} END"
 
 
 # --- one batch's life in a worker -------------------------------------------------------------
@@ -385,20 +411,9 @@ def complete_batch(
     """
     answered = {row["ref_id"]: row for row in _merge_rows(records)}
     rows = [answered.get(ref_id) or {"ref_id": ref_id} for ref_id in batch.ref_ids]
-    row = conn.execute(
-        _COMPLETE_BATCH,
-        {
-            "id": batch.id,
-            "rows": _json(rows),
-            "base": settings.poll_interval_seconds,
-            "max_interval": settings.poll_max_interval_seconds,
-        },
-    ).one()
-    changed, *by_state = row
-    resolved = {
-        state: count for state, count in zip(_POLL_FINAL_STATES, by_state, strict=True) if count
-    }
-    return Completed(changed, resolved)
+    return _apply_reports(
+        conn, rows, source="poll", lease=batch.id, batch_id=batch.id, settings=settings
+    )
 
 
 _TAKE_BATCH = text(
@@ -429,7 +444,7 @@ def release_batch(conn: Connection, batch: Batch, delay_seconds: float) -> None:
 
 # --- the merge --------------------------------------------------------------------------------
 
-# Column name -> SQL array type, in the order of the unnest below.
+# Column name -> SQL type in the JSON recordset.
 _MERGED_COLUMNS: dict[str, str] = {
     "send_status": "int",
     "send_success": "int",
@@ -456,66 +471,50 @@ _RECORDSET_COLUMNS = ", ".join(
 )
 _RECORD_FIELDS = {field.name for field in fields(CallbackRecord)}
 _RECORD_COLUMNS = [name for name in _MERGED_COLUMNS if name in _RECORD_FIELDS]
-_SET_FIELDS = ", ".join(f"{name} = v.{name}" for name in _MERGED_COLUMNS)
-_DATA_COLUMNS = ", ".join(f"m.{name}" for name in _MERGED_COLUMNS)
-_NEW_DATA = ", ".join(f"v.{name}" for name in _MERGED_COLUMNS)
 _FINAL_LIST = ", ".join(f"'{state}'" for state in sorted(FINAL_STATES - {State.EXPIRED}))
-
-# `old` is the same table joined again: it reads each row as it was before this statement, which
-# is what the history row records next to the new values.
-_MERGE = text(
-    f"""
-    WITH changed AS (
-        UPDATE messages AS m
-        SET {_SET_FIELDS},
-            resolved_at = CASE WHEN v.state IN ({_FINAL_LIST}) THEN now() END,
-            next_poll_at = CASE WHEN v.state IN ({_FINAL_LIST}) THEN NULL ELSE m.next_poll_at END,
-            lease_id = CASE WHEN v.state IN ({_FINAL_LIST}) THEN NULL ELSE m.lease_id END,
-            updated_at = now()
-        FROM jsonb_to_recordset(CAST(:records AS jsonb)) AS v({_RECORDSET_COLUMNS}),
-             messages AS old
-        WHERE m.ref_id = v.ref_id
-          AND old.ref_id = m.ref_id
-          AND m.state = 'pending'
-          AND v.rank >= {sql_status_rank("m.send_status")}
-          AND ({_DATA_COLUMNS}) IS DISTINCT FROM ({_NEW_DATA})
-        RETURNING m.ref_id, old.state AS old_state, m.state AS new_state,
-                  old.send_status AS old_send_status, m.send_status AS new_send_status,
-                  m.error_code
-    )
-    INSERT INTO message_history (ref_id, source, batch_id, old_state, new_state,
-                                 old_send_status, new_send_status, error_code)
-    SELECT ref_id, :source, CAST(:batch_id AS uuid), old_state, new_state,
-           old_send_status, new_send_status, error_code
-    FROM changed
-    """
-)
-
-
 _POLL_FINAL_STATES = tuple(sorted(FINAL_STATES - {State.EXPIRED}))
+
+
+def _kept(name: str) -> str:
+    """The value a report leaves in column `name` (v: the report, o: the row): a field the report
+    lacks never erases what is known; the error code goes with the ErrorInfo it was read from;
+    the state is the report's (merge.derive_state)."""
+    if name == "state":
+        return "v.state"
+    if name == "error_code":
+        return "CASE WHEN v.error_info IS NULL THEN o.error_code ELSE v.error_code END"
+    return f"COALESCE(v.{name}, o.{name})"
+
+
 _OLD_DATA = ", ".join(f"o.{name}" for name in _MERGED_COLUMNS)
+_KEPT_DATA = ", ".join(_kept(name) for name in _MERGED_COLUMNS)
 _IS_FINAL = f"x.state IN ({_FINAL_LIST})"
 
-# A poll's answer in one statement, one new version of each row. One JSON recordset holds every
-# RefId of the batch, with the answer's data where it has some (`rank` NULL where not), so the
-# plan walks it once (a LEFT JOIN of the answer to the batch's RefIds was planned as a nested
-# loop that rescanned the answer for every row: 14 of the statement's 16 ms). `x` locks the
-# batch's pending rows (in key order, as every writer here does, so two writers cannot deadlock)
-# and decides per row whether this batch leased it (`mine`: poll bookkeeping and backoff) and
-# whether the answer moves its data forward (`apply`: the merge rules). Locking first means
-# `apply` is judged on the row as it is when locked, even if a push changed it since this
-# statement's snapshot.
-_COMPLETE_BATCH = text(
+# Provider data in one statement, one new version of each row: a poll's answer (with `:lease`,
+# the batch whose lease it ends) or pushes (`:lease` NULL). One JSON recordset holds every RefId
+# of the batch, with the answer's data where it has some (`rank` NULL where not), so the plan
+# walks it once (a LEFT JOIN of the answer to the batch's RefIds was planned as a nested loop
+# that rescanned the answer for every row). `x` locks the rows (in key order, as every writer
+# here does, so two writers cannot deadlock) and decides per row whether this batch leased it
+# (`mine`: poll bookkeeping and backoff) and whether the report moves its data forward (`apply`,
+# the rules of worker.merge): a pending row takes a report ranked at least as far along as what
+# it holds; an expired row (our own verdict, not the provider's) takes a final report; the other
+# final rows take nothing. Locking first means `apply` is judged on the row as it is when locked,
+# even if a push changed it since this statement's snapshot. A polled row's next poll never
+# falls after the end of its maximum age, so every row is looked at once more before it expires
+# (`expire_old`).
+_APPLY_REPORTS = text(
     f"""
     WITH x AS (
-        SELECT v.ref_id, o.lease_id IS NOT DISTINCT FROM CAST(:id AS uuid) AS mine,
+        SELECT v.ref_id, COALESCE(o.lease_id = CAST(:lease AS uuid), false) AS mine,
                o.state AS old_state, o.send_status AS old_send_status,
                (v.rank IS NOT NULL AND v.rank >= {sql_status_rank("o.send_status")}
-                AND ({_OLD_DATA}) IS DISTINCT FROM ({_NEW_DATA})) AS apply,
-               {", ".join(f"v.{name}" for name in _MERGED_COLUMNS)}
+                AND (o.state = 'pending' OR v.state IN ({_FINAL_LIST}))
+                AND ({_OLD_DATA}) IS DISTINCT FROM ({_KEPT_DATA})) AS apply,
+               {", ".join(f"{_kept(name)} AS {name}" for name in _MERGED_COLUMNS)}
         FROM jsonb_to_recordset(CAST(:rows AS jsonb)) AS v({_RECORDSET_COLUMNS})
         JOIN messages AS o ON o.ref_id = v.ref_id
-        WHERE o.state = 'pending'
+        WHERE o.state IN ('pending', 'expired')
         ORDER BY v.ref_id
         FOR UPDATE OF o
     ), changed AS (
@@ -527,12 +526,12 @@ _COMPLETE_BATCH = text(
         )
     },
             poll_count = m.poll_count + CASE WHEN x.mine THEN 1 ELSE 0 END,
+            not_found_count = CASE WHEN x.mine THEN 0 ELSE m.not_found_count END,
             last_polled_at = CASE WHEN x.mine THEN now() ELSE m.last_polled_at END,
             resolved_at = CASE WHEN x.apply AND {_IS_FINAL} THEN now() ELSE m.resolved_at END,
             next_poll_at = CASE
                 WHEN x.apply AND {_IS_FINAL} THEN NULL
-                WHEN x.mine THEN now() + make_interval(
-                    secs => LEAST(:base * power(2, LEAST(m.poll_count, 30)), :max_interval))
+                WHEN x.mine THEN {_next_poll_sql("m", ":base", ":max_interval", ":max_age")}
                 ELSE m.next_poll_at END,
             lease_id = CASE WHEN x.mine OR (x.apply AND {_IS_FINAL}) THEN NULL
                             ELSE m.lease_id END,
@@ -544,11 +543,11 @@ _COMPLETE_BATCH = text(
     ), history AS (
         INSERT INTO message_history (ref_id, source, batch_id, old_state, new_state,
                                      old_send_status, new_send_status, error_code)
-        SELECT ref_id, 'poll', CAST(:id AS uuid), old_state, new_state,
+        SELECT ref_id, :source, CAST(:batch_id AS uuid), old_state, new_state,
                old_send_status, new_send_status, error_code
         FROM changed WHERE apply
     ), lease AS (
-        DELETE FROM poll_batches WHERE id = CAST(:id AS uuid)
+        DELETE FROM poll_batches WHERE id = CAST(:lease AS uuid)
     )
     SELECT count(*) FILTER (WHERE apply),
            {
@@ -562,28 +561,50 @@ _COMPLETE_BATCH = text(
 )
 
 
+def _apply_reports(
+    conn: Connection,
+    rows: list[dict],
+    *,
+    source: str,
+    lease: uuid.UUID | None,
+    batch_id: uuid.UUID | None,
+    settings: Settings | None,
+) -> Completed:
+    params = {
+        "rows": _json(rows),
+        "source": source,
+        "lease": lease,
+        "batch_id": batch_id,
+        # Only a lease's own rows are rescheduled; pushes leave next_poll_at as it is.
+        "base": settings.poll_interval_seconds if settings else 0,
+        "max_interval": settings.poll_max_interval_seconds if settings else 0,
+        "max_age": settings.message_max_age_seconds if settings else 0,
+    }
+    changed, *by_state = conn.execute(_APPLY_REPORTS, params).one()
+    resolved = {
+        state: count for state, count in zip(_POLL_FINAL_STATES, by_state, strict=True) if count
+    }
+    return Completed(changed, resolved)
+
+
 def merge_callbacks(
     conn: Connection,
     records: Sequence[CallbackRecord],
     *,
     source: str = "poll",
     batch_id: uuid.UUID | None = None,
-) -> int:
-    """Move rows forward with provider data; final rows and older reports change nothing.
+) -> Completed:
+    """Move rows forward with provider data (pushes, or a poll's answer outside a lease): the
+    rules of `complete_batch`, without its poll bookkeeping.
 
     Every row that changes gets one `message_history` row in the same statement, naming the
-    `source` of the data ("poll", "push") and the poll batch it came from. Returns the number of
-    rows whose data changed.
+    `source` of the data ("poll", "push") and the poll batch it came from. Returns the rows whose
+    data changed and those made final, by state.
     """
     rows = _merge_rows(records)
     if not rows:
-        return 0
-    params = {
-        "records": _json(rows),
-        "source": source,
-        "batch_id": str(batch_id) if batch_id else None,
-    }
-    return conn.execute(_MERGE, params).rowcount
+        return Completed(0, {})
+    return _apply_reports(conn, rows, source=source, lease=None, batch_id=batch_id, settings=None)
 
 
 def _merge_rows(records: Iterable[CallbackRecord]) -> list[dict]:

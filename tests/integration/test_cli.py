@@ -148,7 +148,7 @@ def test_status_shows_backlog_counts_rate_and_heartbeat(cli, engine):
                 CallbackRecord("b1", send_status=5, send_success=1),
             ],
         )
-        store.expire_old(conn, 259200)
+        store.expire_old(conn, 259200, [])  # no account configured: the age alone
         store.lease_batches(
             conn, "default", [store.Batch(uuid.uuid4(), "default", "oa1", ("p3",))], 60
         )
@@ -265,7 +265,7 @@ def test_repoll_expired_back_to_pending_with_history(cli, engine):
     insert(engine, ("e1", "oa1"), ("e2", "oa2"), created_at="now() - interval '4 days'")
     insert(engine, ("held", "oa1"), ("done", "oa1"))
     with engine.begin() as conn:
-        store.expire_old(conn, 259200)
+        store.expire_old(conn, 259200, [])  # no account configured: the age alone
         store.merge_callbacks(conn, [CallbackRecord("done", send_status=5, send_success=1)])
         store.lease_batches(
             conn, "default", [store.Batch(uuid.uuid4(), "default", "oa1", ("held",))], 60
@@ -297,13 +297,13 @@ def test_repoll_expired_back_to_pending_with_history(cli, engine):
     # Four days old is past the maximum age, but the age now counts from the repoll: the expiry
     # sweep leaves it to be polled, until a maximum age has passed since the repoll.
     with engine.begin() as conn:
-        assert store.expire_old(conn, 259200) == 0
+        assert store.expire_old(conn, 259200, []) == 0  # no account configured: the age alone
     assert next_polls(engine)["e1"]["state"] == "pending"
     with engine.begin() as conn:
         conn.execute(
             text("UPDATE messages SET repolled_at = now() - interval '4 days' WHERE ref_id = 'e1'")
         )
-        assert store.expire_old(conn, 259200) == 1
+        assert store.expire_old(conn, 259200, []) == 1  # no account configured: the age alone
     assert next_polls(engine)["e1"]["state"] == "expired"
 
 

@@ -317,7 +317,7 @@ def test_push_grace_delays_the_first_poll_and_the_poll_takes_what_is_left(engine
         for ref in ("old-pushed", "new-pushed")
     ]
     with engine.begin() as conn:
-        assert store.merge_callbacks(conn, records, source="push") == 2
+        assert store.merge_callbacks(conn, records, source="push").changed == 2
 
     queued: list[store.Batch] = []
     report = scheduler.schedule_tick(engine, settings, queued.extend)

@@ -185,7 +185,7 @@ def fill(engine) -> None:
                 "WHERE ref_id IN ('x-sent-old', 'x-failed-old')"
             )
         )
-        assert store.expire_old(conn, 259200) == 1
+        assert store.expire_old(conn, 259200, []) == 1  # no account configured: the age alone
         batch = store.Batch(uuid.uuid4(), "default", OA_Y, ("y-inflight",))
         store.lease_batches(conn, "default", [batch], 60)
         store.heartbeat(conn)

@@ -189,7 +189,7 @@ def test_merge_is_forward_only(engine):
 
     def merge(*records):
         with engine.begin() as conn:
-            return store.merge_callbacks(conn, list(records))
+            return store.merge_callbacks(conn, list(records)).changed
 
     assert merge(CallbackRecord("m", send_status=7)) == 1
     # An older status does not undo a later one.
@@ -247,18 +247,109 @@ def test_lapsed_lease_makes_rows_due_again(engine, make_settings):
         assert [b.ref_ids for b in store.claim_batches(conn, "default", 10, 200, 60)] == [("l",)]
 
 
-def test_expiry_sweep(engine, make_settings):
-    insert(engine, [{"ref_id": "old", "oa_id": "oa"}, {"ref_id": "young", "oa_id": "oa"}])
+def _age(engine, ref_id: str, days: float, *, polled_days_ago: float | None = None) -> None:
     with engine.begin() as conn:
         conn.execute(
-            text("UPDATE messages SET created_at = now() - interval '4 days' WHERE ref_id = 'old'")
+            text(
+                "UPDATE messages SET created_at = now() - make_interval(days => :days),"
+                " last_polled_at = now() - make_interval(secs => :polled * 86400)"
+                " WHERE ref_id = :ref_id"
+            ),
+            {"days": days, "polled": polled_days_ago, "ref_id": ref_id},
         )
-        assert store.expire_old(conn, 259200) == 1
-        store.merge_callbacks(conn, [CallbackRecord("old", send_status=5, send_success=1)])
-    old = fetch(engine, "old")
-    assert (old["state"], old["send_status"]) == ("expired", None)
-    assert old["resolved_at"] is not None
-    assert fetch(engine, "young")["state"] == "pending"
+
+
+def test_expiry_sweep_needs_a_poll_at_the_maximum_age(engine):
+    rows = ["old-polled", "old-polled-early", "old-unpolled", "young", "orphan", "no-oa"]
+    insert(engine, [{"ref_id": ref, "oa_id": "oa"} for ref in rows[:-2]])
+    insert(engine, [{"ref_id": "orphan", "oa_id": "oa", "account": "gone"}])
+    insert(engine, [{"ref_id": "no-oa", "oa_id": ""}])
+    _age(engine, "old-polled", 4, polled_days_ago=0.5)  # polled after its 3 days were up
+    _age(engine, "old-polled-early", 4, polled_days_ago=2)  # last polled on day 2
+    _age(engine, "old-unpolled", 4)  # the poller was away: never polled
+    for ref in ("orphan", "no-oa"):  # nothing can poll these: the age alone expires them
+        _age(engine, ref, 4)
+    with engine.begin() as conn:
+        assert store.expire_old(conn, 259200, ["default"]) == 3
+    states = {ref: fetch(engine, ref)["state"] for ref in rows}
+    assert states == {
+        "old-polled": "expired",
+        "old-polled-early": "pending",
+        "old-unpolled": "pending",
+        "young": "pending",
+        "orphan": "expired",
+        "no-oa": "expired",
+    }
+
+
+def test_expiry_sweep_leaves_rows_in_flight_to_their_request(engine, make_settings):
+    settings = make_settings()
+    insert(engine, [{"ref_id": "held", "oa_id": "oa"}])
+    _age(engine, "held", 4, polled_days_ago=0.5)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE messages SET next_poll_at = now() WHERE ref_id = 'held'"))
+    (batch,) = lease(engine, settings)
+    with engine.begin() as conn:
+        assert store.expire_old(conn, 259200, ["default"]) == 0
+        store.complete_batch(conn, batch, [CallbackRecord("held", send_status=2)], settings)
+    row = fetch(engine, "held")
+    assert (row["state"], row["send_status"], row["lease_id"]) == ("pending", 2, None)
+    with engine.begin() as conn:  # its answer came after the maximum age: now it may expire
+        assert store.expire_old(conn, 259200, ["default"]) == 1
+
+
+def test_a_polled_row_is_due_again_no_later_than_its_maximum_age(engine, make_settings):
+    settings = make_settings(poll_interval_seconds=30, poll_max_interval_seconds=600)
+    insert(engine, [{"ref_id": "near", "oa_id": "oa"}, {"ref_id": "far", "oa_id": "oa"}])
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "UPDATE messages SET next_poll_at = now(), poll_count = 10,"
+                " created_at = now() - make_interval(secs => CASE ref_id"
+                " WHEN 'near' THEN 259200 - 60 ELSE 0 END)"
+            )
+        )
+    (batch,) = lease(engine, settings)
+    with engine.begin() as conn:
+        store.complete_batch(conn, batch, [], settings)
+        due = dict(
+            conn.execute(
+                text("SELECT ref_id, extract(epoch FROM next_poll_at - now()) FROM messages")
+            ).all()
+        )
+    assert 55 <= due["near"] <= 60  # at its maximum age, not 600 s later
+    assert 595 <= due["far"] <= 600
+
+
+def test_a_final_report_replaces_expired(engine):
+    insert(engine, [{"ref_id": "late", "oa_id": "oa"}, {"ref_id": "vague", "oa_id": "oa"}])
+    for ref in ("late", "vague"):
+        _age(engine, ref, 4, polled_days_ago=0.1)
+    with engine.begin() as conn:
+        assert store.expire_old(conn, 259200, ["default"]) == 2
+        # A report that is not final does not bring an expired row back.
+        assert store.merge_callbacks(conn, [CallbackRecord("vague", send_status=7)]).changed == 0
+        done = store.merge_callbacks(
+            conn, [CallbackRecord("late", send_status=5, send_success=1)], source="push"
+        )
+    assert (done.changed, done.resolved) == (1, {"sent": 1})
+    late = fetch(engine, "late")
+    assert (late["state"], late["send_status"], late["next_poll_at"]) == ("sent", 5, None)
+    assert fetch(engine, "vague")["state"] == "expired"
+    with engine.connect() as conn:
+        history = conn.execute(
+            text(
+                "SELECT source, old_state, new_state FROM message_history"
+                " WHERE ref_id = 'late' ORDER BY id"
+            )
+        ).all()
+    assert [tuple(row) for row in history] == [
+        ("expiry", "pending", "expired"),
+        ("push", "expired", "sent"),
+    ]
+    with engine.begin() as conn:  # and the provider's final state is final
+        again = store.merge_callbacks(conn, [CallbackRecord("late", send_status=4)])
+    assert again.changed == 0 and fetch(engine, "late")["state"] == "sent"
 
 
 def test_scheduler_keeps_queue_short(engine, make_settings):

@@ -32,8 +32,8 @@ from worker.records import CallbackRecord
         (5, 2, State.SENT),
         (5, 100, State.SENT),
         (5, 0, State.FAILED),
-        (5, None, State.FAILED),
-        (5, -1, State.FAILED),
+        (5, None, State.PENDING),
+        (5, -1, State.PENDING),
         (4, 0, State.REJECTED),
         (4, None, State.REJECTED),
         (4, 1, State.REJECTED),
@@ -56,11 +56,33 @@ def test_derive_state(send_status, send_success, expected):
     assert derive_state(record) is expected
 
 
-def test_failed_ignores_send_failed_and_looks_at_success():
-    record = CallbackRecord(ref_id="r1", send_status=5, send_success=1, send_failed=1)
-    assert derive_state(record) is State.SENT
-    record = CallbackRecord(ref_id="r1", send_status=5, send_success=0, send_failed=0)
-    assert derive_state(record) is State.FAILED
+@pytest.mark.parametrize(
+    ("send_success", "send_failed", "expected"),
+    [
+        (1, 1, State.SENT),  # one success is a delivered message, whatever else failed
+        (1, None, State.SENT),
+        (0, 0, State.FAILED),
+        (0, None, State.FAILED),  # done, and nothing succeeded
+        (None, 1, State.FAILED),
+        (-1, 1, State.FAILED),
+        (None, None, State.PENDING),  # done, but not how: the outcome is not guessed
+        (None, 0, State.PENDING),
+        (-1, None, State.PENDING),
+        (-1, 0, State.PENDING),
+    ],
+)
+def test_sent_status_is_final_only_with_an_outcome(send_success, send_failed, expected):
+    record = CallbackRecord(
+        ref_id="r1", send_status=5, send_success=send_success, send_failed=send_failed
+    )
+    assert derive_state(record) is expected
+
+
+def test_a_report_with_an_outcome_beats_its_twin_without_one():
+    done = CallbackRecord(ref_id="r", send_status=5, send_success=1)
+    vague = CallbackRecord(ref_id="r", send_status=5)
+    assert most_advanced([done, vague]) == [done]
+    assert most_advanced([vague, done]) == [done]
 
 
 def test_final_states():
@@ -110,7 +132,9 @@ def test_higher_rank_wins_whatever_the_order(older, newer):
     assert most_advanced([high, low]) == [high]
 
 
-@pytest.mark.parametrize(("first", "second"), [(5, 5), (2, 2), (4, 5), (5, 4), (None, None)])
+# (4, 5) is not here: a SendStatus 5 without an outcome does not beat a rejection (the test of
+# twins with and without an outcome).
+@pytest.mark.parametrize(("first", "second"), [(5, 5), (2, 2), (5, 4), (None, None)])
 def test_equal_rank_later_wins(first, second):
     earlier, later = _rec("a", first, "earlier"), _rec("a", second, "later")
     assert most_advanced([earlier, later]) == [later]
@@ -144,6 +168,10 @@ def test_most_advanced_of_nothing_and_of_a_generator():
 STATUSES = st.sampled_from([None, 0, 1, 2, 3, 4, 5, 7, 99])
 
 
+def _advance(record):
+    return (record_rank(record), derive_state(record) is not State.PENDING)
+
+
 @given(st.lists(st.tuples(st.sampled_from("abcde"), STATUSES), max_size=30))
 @hsettings(max_examples=200, deadline=None)
 def test_most_advanced_property(pairs):
@@ -154,10 +182,11 @@ def test_most_advanced_property(pairs):
     assert [r.ref_id for r in chosen] == first_seen
     for record in chosen:
         same = [r for r in records if r.ref_id == record.ref_id]
-        best = max(record_rank(r) for r in same)
-        assert record_rank(record) == best
-        # Of the records with that rank, the last one as the provider listed them.
-        assert record is [r for r in same if record_rank(r) == best][-1]
+        best = max(_advance(r) for r in same)
+        assert _advance(record) == best
+        # Of the records that far along (with an outcome, if one has it), the last one as the
+        # provider listed them.
+        assert record is [r for r in same if _advance(r) == best][-1]
 
 
 # --- sql_status_rank ----------------------------------------------------------------------------
