@@ -11,7 +11,9 @@ sorting every pending row to reading the first few thousand of the due index, an
 25 ms of Postgres CPU instead of 1 ms. Keyed on `next_poll_at IS NOT NULL` (which implies
 pending: every path that makes a row final clears its next poll time), the claim needs no state
 filter, the estimate is right and the index is read in order. Built and dropped CONCURRENTLY, so
-the poller's writes never wait for it.
+the poller's writes never wait for it. A concurrent build that fails midway (migrations/env.py's
+lock_timeout, then a retry) leaves an invalid index of that name behind, which IF NOT EXISTS would
+take for built: such a leftover is dropped first.
 """
 
 from collections.abc import Sequence
@@ -25,8 +27,22 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 
+def _drop_if_invalid(name: str) -> None:
+    invalid = (
+        op.get_bind()
+        .execute(
+            sa.text("SELECT NOT indisvalid FROM pg_index WHERE indexrelid = to_regclass(:name)"),
+            {"name": name},
+        )
+        .scalar()
+    )
+    if invalid:
+        op.drop_index(name, table_name="messages", postgresql_concurrently=True, if_exists=True)
+
+
 def upgrade() -> None:
     with op.get_context().autocommit_block():
+        _drop_if_invalid("messages_due_at_idx")
         op.create_index(
             "messages_due_at_idx",
             "messages",
@@ -46,6 +62,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     with op.get_context().autocommit_block():
+        _drop_if_invalid("messages_due_idx")
         op.create_index(
             "messages_due_idx",
             "messages",
