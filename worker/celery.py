@@ -6,7 +6,7 @@ worker.green for how it gets there) runs up to WORKER_CONCURRENCY polls at once,
 that waits for its rate slot, the provider and Postgres without holding a process. The signal
 handlers at the end give worker and beat the LOG_FORMAT (worker.logging_setup), make both refuse
 to start on a schema revision this release does not know (worker.schema), and give the worker
-its metrics endpoint (worker.metrics).
+its metrics endpoint (worker.metrics) and one line naming its accounts.
 `RedisTransport` is kombu's Redis transport with one crash on a lost broker connection repaired.
 """
 
@@ -160,3 +160,17 @@ def _worker_schema_check(**_kwargs) -> None:
 @beat_init.connect
 def _beat_schema_check(**_kwargs) -> None:
     _require_known_schema("celery beat")
+
+
+@worker_ready.connect
+def _log_accounts(**_kwargs) -> None:
+    # Names only: which accounts this worker polls is what an operator checks after adding or
+    # renaming one (rows of an account no worker has are reported by the scheduler).
+    names = sorted(settings.accounts)
+    if names:
+        log.info("accounts configured: %s", ", ".join(names))
+    else:
+        log.warning(
+            "no account configured (ESMS_API_KEY/ESMS_SECRET_KEY or ESMS_ACCOUNTS): "
+            "nothing will be polled"
+        )

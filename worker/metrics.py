@@ -7,12 +7,14 @@ the endpoint off.
 
 Labels carry account names, result codes, error kinds and states: never keys, OAIds or RefIds.
 The backlog gauges are read from Postgres by the scheduler tick (`refresh_backlog`) every
-`BACKLOG_REFRESH_SECONDS`, so a scrape costs no query.
+`BACKLOG_REFRESH_SECONDS`, and the unpollable rows by its periodic check (`set_unpollable`), so a
+scrape costs no query.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
 from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client import start_http_server as _start_http_server
@@ -87,6 +89,15 @@ BACKLOG_OLDEST_AGE = Gauge(
     "Age of the account's oldest pending message (0 when none is pending)",
     ["account"],
 )
+UNPOLLABLE_PENDING = Gauge(
+    "esms_unpollable_pending",
+    "Pending messages no request can carry: their account is configured on no worker "
+    "(reason=account_not_configured) or their oa_id is empty (reason=empty_oa_id)",
+    ["account", "reason"],
+)
+# The label pairs this process has set, so that one whose rows are gone is set to 0, not left
+# showing its last count.
+_unpollable_seen: set[tuple[str, str]] = set()
 
 
 def request_result(error: ProviderError | None) -> str:
@@ -98,6 +109,21 @@ def request_result(error: ProviderError | None) -> str:
     # ProviderUnavailable -> provider_unavailable: transport errors, timeouts, HTTP 5xx.
     name = type(error).__name__
     return "".join(f"_{c.lower()}" if c.isupper() else c for c in name).lstrip("_")
+
+
+def set_unpollable(found: Iterable[tuple[str, bool, int]]) -> None:
+    """Set `esms_unpollable_pending` from `store.unpollable`'s (account, OAId empty?, count)
+    rows. The scheduler counts them every few minutes (worker.scheduler), so the gauge is at most
+    that old; the account label is the rows' own `account` value, a name, never a key."""
+    counts: dict[tuple[str, str], int] = {}
+    for account, blank_oa, count in found:
+        labels = (account, "empty_oa_id" if blank_oa else "account_not_configured")
+        counts[labels] = counts.get(labels, 0) + count
+    for labels in _unpollable_seen - counts.keys():
+        UNPOLLABLE_PENDING.labels(*labels).set(0)
+    for labels, count in counts.items():
+        UNPOLLABLE_PENDING.labels(*labels).set(count)
+    _unpollable_seen.update(counts)
 
 
 def serve(settings: Settings) -> None:

@@ -63,7 +63,10 @@ def _unpollable_check_due() -> bool:
 
 
 def _report_unpollable(found: Iterable[tuple[str, bool, int]]) -> None:
-    """One warning per account (and per "no OAId") this process has not reported yet."""
+    """One warning per account (and per "no OAId") this process has not reported yet; the gauge
+    `esms_unpollable_pending` shows them all, each time they are counted."""
+    found = list(found)
+    metrics.set_unpollable(found)
     for account, blank_oa, count in found:
         if (account, blank_oa) in _reported_unpollable:
             continue
