@@ -17,9 +17,12 @@ Answers: 200 when the push was written or changed nothing (duplicate, older than
 already final), 200 as well for an SMSID with no row (eSMS retries only on timeouts, and a row
 inserted later is polled anyway); 400 with the reason for a push without SMSID or SendStatus or
 with an unreadable body; 404 for a wrong or missing token and for every other path; 503 only
-when the database cannot be written. Each outcome is counted; `GET /stats` shows the counters
-and `GET /healthz` answers "ok". The access log stays off: every URL carries the token and a
-phone number.
+when the database cannot be written. A transaction that loses a deadlock or a serialization
+failure to another writer (a poll's write) is run again a few times before that 503, because
+eSMS does not send a push again after an answer. Each outcome is counted, and so are the rows the
+pushes made final, by state; `GET /stats` shows the counters. `GET /healthz` answers "ok" when
+the database answers `SELECT 1` (checked at most once a second, however many probes), 503 with
+the reason when not. The access log stays off: every URL carries the token and a phone number.
 """
 
 from __future__ import annotations
@@ -29,11 +32,14 @@ import asyncio
 import contextlib
 import ctypes
 import dataclasses
+import functools
 import hmac
 import json
 import logging
+import math
 import multiprocessing
 import os
+import random
 import re
 import signal
 import socket
@@ -57,6 +63,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from worker import store
+from worker.merge import FINAL_STATES, State
 from worker.records import CallbackRecord, parse_callback_item
 from worker.settings import Settings, get_settings
 
@@ -71,6 +78,19 @@ MAX_BATCH = 200
 _TOKEN_PATTERN = re.compile(r"[A-Za-z0-9._~-]{16,}")
 _DB_WARNING_EVERY_SECONDS = 10.0
 _GRACE_SECONDS = 5
+# Deadlock, serialization failure: the transaction lost to another writer and may simply run
+# again. Rows are locked in RefId order (store.merge_callbacks), so this is rare, but a 503 would
+# lose the push: eSMS sends it again only after a timeout.
+_RETRYABLE_SQLSTATES = frozenset({"40P01", "40001"})
+WRITE_ATTEMPTS = 4
+# The first retry waits up to this long, each further one up to twice as long (full jitter, so
+# two writers that collided do not collide again in step): at most 0.35 s in all, far below the
+# timeout after which eSMS would send the push again.
+RETRY_BACKOFF_SECONDS = 0.05
+# /healthz: how long the database has to answer `SELECT 1`, and how long an answer is reused so
+# that a storm of probes costs Postgres one query a second.
+HEALTH_TIMEOUT_SECONDS = 1.5
+HEALTH_CACHE_SECONDS = 1.0
 
 
 class MalformedPush(ValueError):
@@ -90,6 +110,9 @@ _COUNTERS = (
     "not_found",  # any other path or method
     "malformed",
     "db_unavailable",
+    "retried",  # transactions run again after a deadlock or serialization failure
+    # Rows the pushes made final, by state (a push never makes a row `expired`).
+    *(f"resolved_{state}" for state in sorted(FINAL_STATES - {State.EXPIRED})),
 )
 
 
@@ -108,7 +131,13 @@ class PushStats:
         self._row = process_index * len(_COUNTERS)
 
     def add(self, name: str, count: int = 1) -> None:
+        # Each counter is added to by one thread of a process only (`retried` by the writer
+        # thread, the others by the event loop), so no increment can be lost.
         self._values[self._row + _COUNTERS.index(name)] += count
+
+    def add_resolved(self, resolved: dict[str, int]) -> None:
+        for state, count in resolved.items():
+            self.add(f"resolved_{state}", count)
 
     def as_dict(self) -> dict[str, int]:
         width = len(_COUNTERS)
@@ -133,29 +162,62 @@ def record_from_fields(fields: dict[str, Any], callback_url: str | None) -> Call
 
 @dataclasses.dataclass(frozen=True)
 class Written:
-    """What one transaction did: each push's outcome, in order, and how many rows changed."""
+    """What one transaction did: each push's outcome, in order, how many rows changed, and how
+    many of them it made final, by state."""
 
     outcomes: list[PushOutcome]
     changed: int
+    resolved: dict[str, int] = dataclasses.field(default_factory=dict)
+
+
+def _retryable(error: SQLAlchemyError) -> bool:
+    """A transaction another writer's locks made fail, not a fault of the database or the data."""
+    sqlstate = getattr(getattr(error, "orig", None), "sqlstate", None)
+    return sqlstate in _RETRYABLE_SQLSTATES
 
 
 class PushWriter:
-    """Writes pushes in one short transaction; runs in the writer thread."""
+    """Writes pushes in one short transaction; runs in the writer thread.
 
-    def __init__(self, engine: Engine) -> None:
+    The transaction locks only the rows `store.merge_callbacks` locks, in RefId order as every
+    writer of `messages` does (`known_ref_ids` reads without locking), so it cannot deadlock with
+    another push batch or a poll's write; a deadlock or serialization failure that comes anyway
+    (a writer outside this code) runs it again, WRITE_ATTEMPTS times in all. `on_retry` is called
+    before each retry."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        on_retry: Callable[[], None] = lambda: None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
         self.engine = engine
+        self.on_retry = on_retry
+        self.sleep = sleep
 
     def __call__(self, records: Sequence[CallbackRecord]) -> Written:
+        for attempt in range(1, WRITE_ATTEMPTS + 1):
+            try:
+                return self._write(records)
+            except DBAPIError as error:
+                if attempt == WRITE_ATTEMPTS or not _retryable(error):
+                    raise
+            self.on_retry()
+            self.sleep(random.uniform(0, RETRY_BACKOFF_SECONDS * 2 ** (attempt - 1)))
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    def _write(self, records: Sequence[CallbackRecord]) -> Written:
         with self.engine.begin() as conn:
-            changed = store.merge_callbacks(conn, records, source="push").changed
+            completed = store.merge_callbacks(conn, records, source="push")
             ref_ids = {record.ref_id for record in records}
             # Every SMSID moved a row: all are known. Otherwise ask which have a row.
-            known = ref_ids if changed == len(ref_ids) else store.known_ref_ids(conn, ref_ids)
+            all_changed = completed.changed == len(ref_ids)
+            known = ref_ids if all_changed else store.known_ref_ids(conn, ref_ids)
         outcomes = [
             PushOutcome.ACCEPTED if record.ref_id in known else PushOutcome.UNKNOWN
             for record in records
         ]
-        return Written(outcomes, changed)
+        return Written(outcomes, completed.changed, completed.resolved)
 
 
 WriteBatch = Callable[[Sequence[CallbackRecord]], Written]
@@ -172,9 +234,9 @@ class Batcher:
     """Feeds the one writer thread: a push waits for the write in progress, then goes with every
     push that arrived meanwhile. Runs on the event loop; only the write leaves it."""
 
-    def __init__(self, write: WriteBatch, on_changed: Callable[[int], None]) -> None:
+    def __init__(self, write: WriteBatch, on_written: Callable[[Written], None]) -> None:
         self._write = write
-        self._on_changed = on_changed
+        self._on_written = on_written
         self._waiting: list[tuple[CallbackRecord, asyncio.Future[PushOutcome]]] = []
         self._draining = False
 
@@ -194,8 +256,8 @@ class Batcher:
                 batch, self._waiting = self._waiting[:MAX_BATCH], self._waiting[MAX_BATCH:]
                 records = [record for record, _ in batch]
                 try:
-                    results, changed = await anyio.to_thread.run_sync(self._write_isolated, records)
-                    self._on_changed(changed)
+                    results, totals = await anyio.to_thread.run_sync(self._write_isolated, records)
+                    self._on_written(totals)
                 except Exception as error:  # every waiting push must hear of it
                     results = [error] * len(batch)
                 for (_, future), result in zip(batch, results, strict=True):
@@ -210,20 +272,22 @@ class Batcher:
 
     def _write_isolated(
         self, records: list[CallbackRecord]
-    ) -> tuple[list[PushOutcome | SQLAlchemyError], int]:
-        """Each record's outcome or the error that stopped it, and the rows changed in all.
+    ) -> tuple[list[PushOutcome | SQLAlchemyError], Written]:
+        """Each record's outcome or the error that stopped it, and what was written in all (its
+        `changed` and `resolved`).
 
         When a batch fails for its data rather than for the database, each push is written
         alone, so that one bad push cannot cost the others their write.
         """
         try:
             written = self._write(records)
-            return list(written.outcomes), written.changed
+            return list(written.outcomes), written
         except SQLAlchemyError as error:
             if len(records) == 1 or _database_down(error):
-                return [error] * len(records), 0
+                return [error] * len(records), Written([], 0)
         results: list[PushOutcome | SQLAlchemyError] = []
         changed = 0
+        resolved: dict[str, int] = {}
         for record in records:
             try:
                 written = self._write([record])
@@ -232,24 +296,78 @@ class Batcher:
                 continue
             results.append(written.outcomes[0])
             changed += written.changed
-        return results, changed
+            for state, count in written.resolved.items():
+                resolved[state] = resolved.get(state, 0) + count
+        return results, Written([], changed, resolved)
+
+
+class DatabaseHealth:
+    """Whether the database answers, for /healthz: `ping` (a `SELECT 1`) runs in a thread, one at
+    a time, and its verdict is reused for HEALTH_CACHE_SECONDS, so a storm of probes costs
+    Postgres one query a second; a ping that has not answered within HEALTH_TIMEOUT_SECONDS is a
+    failure (it may hang for as long as a blackholed connection does, so probes never wait for
+    it longer than that). Runs on the event loop."""
+
+    def __init__(self, ping: Callable[[], None]) -> None:
+        self._ping = ping
+        self._checked_at = -math.inf
+        self._reason: str | None = None
+        self._running: asyncio.Future[str | None] | None = None
+
+    async def problem(self) -> str | None:
+        """None when the database answered, else a short reason (no address, no credentials)."""
+        if time.monotonic() - self._checked_at < HEALTH_CACHE_SECONDS:
+            return self._reason
+        if self._running is None:
+            self._running = asyncio.ensure_future(self._check())
+        try:
+            reason = await asyncio.wait_for(asyncio.shield(self._running), HEALTH_TIMEOUT_SECONDS)
+        except TimeoutError:
+            reason = f"database did not answer within {HEALTH_TIMEOUT_SECONDS:g} s"
+        self._checked_at, self._reason = time.monotonic(), reason
+        return reason
+
+    async def _check(self) -> str | None:
+        try:
+            await anyio.to_thread.run_sync(self._ping)
+        except Exception as error:  # noqa: BLE001 - whatever it is, the database did not answer
+            return f"database unavailable: {type(error).__name__}"
+        finally:
+            self._running = None
+        return None
+
+
+def _select_one(engine: Engine) -> None:
+    with engine.connect() as conn:
+        conn.exec_driver_sql("SELECT 1")
 
 
 def create_app(
-    settings: Settings, write: WriteBatch | None = None, stats: PushStats | None = None
+    settings: Settings,
+    write: WriteBatch | None = None,
+    stats: PushStats | None = None,
+    ping: Callable[[], None] | None = None,
 ) -> Starlette:
-    """The receiver for `settings`. `write` replaces the database write (unit tests); `stats` is
-    shared with the other processes of the same receiver."""
+    """The receiver for `settings`. `write` replaces the database write and `ping` the health
+    check's `SELECT 1` (unit tests; with `write` and no `ping`, /healthz checks nothing); `stats`
+    is shared with the other processes of the same receiver."""
     expected = (
         settings.push_token.get_secret_value().encode() if settings.push_token is not None else None
     )
     stats = stats or PushStats()
     engine: Engine | None = None
     if write is None:
-        # One writer thread: one connection, and one spare for the pool's ping.
+        # One writer thread: one connection, and one spare for the pool's ping and /healthz.
         engine = store.make_engine(settings, pool_size=2)
-        write = PushWriter(engine)
-    batcher = Batcher(write, lambda changed: stats.add("changed", changed))
+        write = PushWriter(engine, on_retry=lambda: stats.add("retried"))
+        ping = ping or functools.partial(_select_one, engine)
+    health = DatabaseHealth(ping) if ping is not None else None
+
+    def on_written(written: Written) -> None:
+        stats.add("changed", written.changed)
+        stats.add_resolved(written.resolved)
+
+    batcher = Batcher(write, on_written)
     db_warned_at = -_DB_WARNING_EVERY_SECONDS
     called_urls: dict[tuple[Any, ...], str] = {}
 
@@ -299,6 +417,9 @@ def create_app(
         return PlainTextResponse("OK")
 
     async def healthz(request: Request) -> Response:
+        problem = await health.problem() if health is not None else None
+        if problem is not None:
+            return PlainTextResponse(problem, status_code=503)
         return PlainTextResponse("ok")
 
     async def show_stats(request: Request) -> Response:

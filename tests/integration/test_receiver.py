@@ -76,7 +76,8 @@ def start_receiver(
         if child.proc.poll() is not None:
             raise RuntimeError(f"receiver exited: {child.log()}")
         if re.search(r"listening on", child.log()):
-            httpx.get(f"{url}/healthz", timeout=5).raise_for_status()
+            # Answering is ready; 503 only says the database is away (test_database_down_is_503).
+            assert httpx.get(f"{url}/healthz", timeout=5).status_code in (200, 503)
             return Receiver(child, url)
         time.sleep(0.05)
     raise RuntimeError(f"receiver not ready: {child.log()}")
@@ -209,6 +210,30 @@ def test_post_json_and_post_form(engine, receiver):
     assert stored["error_code"] == -124
 
 
+def test_healthz_is_ok_while_the_database_answers(engine, receiver):
+    response = httpx.get(f"{receiver.url}/healthz", timeout=10)
+    assert (response.status_code, response.text) == (200, "ok")
+
+
+def test_resolutions_by_push_are_counted_by_state(engine, receiver):
+    insert(engine, "m-sent", "m-failed", "m-rejected", "m-waiting")
+    before = receiver.stats()
+    for push in (
+        final_push("m-sent", SendSuccess="1", SendFailed="0"),
+        final_push("m-failed"),
+        final_push("m-rejected", SendStatus="4"),
+        final_push("m-waiting", SendStatus="2"),
+        final_push("m-sent", SendSuccess="1", SendFailed="0"),  # a duplicate resolves nothing
+    ):
+        assert httpx.get(receiver.push_url(), params=push).status_code == 200
+    after = receiver.stats()
+    assert {
+        state: after[f"resolved_{state}"] - before[f"resolved_{state}"]
+        for state in ("sent", "failed", "rejected")
+    } == {"sent": 1, "failed": 1, "rejected": 1}
+    assert after["changed"] - before["changed"] == 4
+
+
 def test_unknown_smsid_is_200_and_counted(engine, receiver):
     before = receiver.stats()
     response = httpx.get(receiver.push_url(), params=final_push("never-inserted"))
@@ -288,6 +313,8 @@ def test_database_down_is_503(tmp_path):
         response = httpx.get(down.push_url(), params=final_push("m-down"), timeout=30)
         assert response.status_code == 503
         assert down.stats()["db_unavailable"] == 1
+        health = httpx.get(f"{down.url}/healthz", timeout=10)
+        assert (health.status_code, health.text) == (503, "database unavailable: OperationalError")
         assert TOKEN not in down.child.log()
     finally:
         children.stop_all()

@@ -8,18 +8,23 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Sequence
 from decimal import Decimal
 from typing import Any
 
 import httpx
+import psycopg.errors
 import pytest
 from sqlalchemy.exc import DataError, OperationalError
 
+from worker import receiver
 from worker.receiver import (
     MAX_BODY_BYTES,
+    WRITE_ATTEMPTS,
     MalformedPush,
     PushOutcome,
+    PushWriter,
     Written,
     create_app,
     record_from_fields,
@@ -54,17 +59,25 @@ class FakeWrite:
             PushOutcome.UNKNOWN if record.ref_id.startswith("unknown") else PushOutcome.ACCEPTED
             for record in records
         ]
-        return Written(outcomes, sum(o is PushOutcome.ACCEPTED for o in outcomes))
+        resolved: dict[str, int] = {}
+        for record, outcome in zip(records, outcomes, strict=True):
+            state = {4: "rejected", 5: "sent" if record.send_success else "failed"}.get(
+                record.send_status or 0
+            )
+            if outcome is PushOutcome.ACCEPTED and state is not None:
+                resolved[state] = resolved.get(state, 0) + 1
+        return Written(outcomes, sum(o is PushOutcome.ACCEPTED for o in outcomes), resolved)
 
     @property
     def records(self) -> list[CallbackRecord]:
         return [record for batch in self.batches for record in batch]
 
 
-def run(write: FakeWrite, scenario, token: str | None = TOKEN) -> Any:
-    """Run `scenario(client)` against an app using `write`, on a fresh event loop."""
+def run(write: FakeWrite, scenario, token: str | None = TOKEN, ping=None) -> Any:
+    """Run `scenario(client)` against an app using `write` (and `ping` for /healthz), on a fresh
+    event loop."""
     settings = Settings(_env_file=None, push_token=token)
-    app = create_app(settings, write)
+    app = create_app(settings, write, ping=ping)
 
     async def main() -> Any:
         transport = httpx.ASGITransport(app=app)
@@ -338,7 +351,177 @@ def test_stats_and_healthz():
         "not_found": 0,
         "malformed": 0,
         "db_unavailable": 0,
+        "retried": 0,
+        "resolved_failed": 0,
+        "resolved_rejected": 0,
+        "resolved_sent": 1,
     }
+
+
+def test_resolutions_are_counted_by_state_also_when_a_batch_is_written_push_by_push():
+    write = FakeWrite()
+    write.hold = threading.Event()
+    finals = [
+        push(SMSID="first", SendStatus="2"),
+        push(SMSID="s1"),
+        push(SMSID="s2"),
+        push(SMSID="f1", SendSuccess="0", SendFailed="1"),
+        push(SMSID="r1", SendStatus="4"),
+        push(SMSID="bad-1"),  # makes its batch go push by push, and is not written
+        push(SMSID="unknown-1"),
+    ]
+
+    async def scenario(client):
+        first = asyncio.create_task(client.get(PATH, params=finals[0]))
+        await asyncio.to_thread(write.entered.wait, 10)
+        rest = [asyncio.create_task(client.get(PATH, params=fields)) for fields in finals[1:]]
+        await asyncio.sleep(0.2)
+        write.hold.set()
+        codes = [r.status_code for r in await asyncio.gather(first, *rest)]
+        return codes, (await client.get("/stats")).json()
+
+    codes, stats = run(write, scenario)
+    assert codes == [200, 200, 200, 200, 200, 503, 200]
+    assert len(write.batches) == 2 + 6  # the first, the failed batch of six, then one by one
+    resolved = {name: count for name, count in stats.items() if name.startswith("resolved_")}
+    assert resolved == {"resolved_sent": 2, "resolved_failed": 1, "resolved_rejected": 1}
+    assert stats["changed"] == 5
+
+
+# --- /healthz ---------------------------------------------------------------------------------
+
+
+class FakePing:
+    def __init__(self, error: Exception | None = None) -> None:
+        self.calls = 0
+        self.error = error
+        self.hold: threading.Event | None = None
+
+    def __call__(self) -> None:
+        self.calls += 1
+        if self.hold is not None:
+            self.hold.wait(10)
+        if self.error is not None:
+            raise self.error
+
+
+def test_healthz_is_ok_while_the_database_answers_and_503_with_the_reason_when_not(
+    monkeypatch,
+):
+    monkeypatch.setattr(receiver, "HEALTH_CACHE_SECONDS", 0)
+    ping = FakePing()
+
+    async def scenario(client):
+        answers = [await client.get("/healthz")]
+        ping.error = OperationalError("SELECT 1", {}, ConnectionRefusedError("refused"))
+        answers.append(await client.get("/healthz"))
+        ping.error = None
+        answers.append(await client.get("/healthz"))
+        return [(r.status_code, r.text) for r in answers]
+
+    assert run(FakeWrite(), scenario, ping=ping) == [
+        (200, "ok"),
+        (503, "database unavailable: OperationalError"),
+        (200, "ok"),
+    ]
+    assert ping.calls == 3
+
+
+def test_healthz_answers_within_its_timeout_when_the_database_hangs(monkeypatch):
+    monkeypatch.setattr(receiver, "HEALTH_TIMEOUT_SECONDS", 0.2)
+    monkeypatch.setattr(receiver, "HEALTH_CACHE_SECONDS", 0)
+    ping = FakePing()
+    ping.hold = threading.Event()
+
+    async def scenario(client):
+        started = time.monotonic()
+        answers = await asyncio.gather(*(client.get("/healthz") for _ in range(5)))
+        waited = time.monotonic() - started
+        again = await client.get("/healthz")  # the first ping still hangs: no second one
+        ping.hold.set()
+        return answers, waited, again
+
+    answers, waited, again = run(FakeWrite(), scenario, ping=ping)
+    assert {(r.status_code, r.text) for r in answers} == {
+        (503, "database did not answer within 0.2 s")
+    }
+    assert waited < 2
+    assert again.status_code == 503
+    assert ping.calls == 1
+
+
+def test_a_storm_of_probes_costs_one_ping_a_second():
+    ping = FakePing()
+
+    async def scenario(client):
+        answers = await asyncio.gather(*(client.get("/healthz") for _ in range(50)))
+        answers += [await client.get("/healthz") for _ in range(50)]
+        return [r.status_code for r in answers]
+
+    assert run(FakeWrite(), scenario, ping=ping) == [200] * 100
+    assert ping.calls == 1
+
+
+# --- the writer's retries -----------------------------------------------------------------------
+
+
+class FlakyWriter(PushWriter):
+    """PushWriter whose transaction fails with `errors` first, then succeeds."""
+
+    def __init__(self, errors: list[Exception]) -> None:
+        self.retries: list[float] = []
+        super().__init__(engine=None, on_retry=lambda: self.retries.append(0.0), sleep=self._slept)
+        self.errors = errors
+        self.attempts = 0
+        self.slept: list[float] = []
+
+    def _slept(self, seconds: float) -> None:
+        self.slept.append(seconds)
+
+    def _write(self, records):
+        self.attempts += 1
+        if self.errors:
+            raise self.errors.pop(0)
+        return Written([PushOutcome.ACCEPTED] * len(records), len(records))
+
+
+def _db_error(cause: Exception) -> OperationalError:
+    return OperationalError("WITH x AS (...)", {}, cause)
+
+
+def test_deadlocks_and_serialization_failures_are_retried_with_jittered_backoff():
+    writer = FlakyWriter(
+        [
+            _db_error(psycopg.errors.DeadlockDetected("deadlock detected")),
+            _db_error(psycopg.errors.SerializationFailure("could not serialize")),
+        ]
+    )
+    written = writer([CallbackRecord(ref_id="m", send_status=5)])
+    assert written.changed == 1
+    assert writer.attempts == 3 and len(writer.retries) == 2
+    assert 0 <= writer.slept[0] <= receiver.RETRY_BACKOFF_SECONDS
+    assert 0 <= writer.slept[1] <= 2 * receiver.RETRY_BACKOFF_SECONDS
+
+
+def test_the_writer_gives_up_after_its_attempts_and_never_retries_other_errors():
+    deadlocks = [
+        _db_error(psycopg.errors.DeadlockDetected("deadlock detected"))
+        for _ in range(WRITE_ATTEMPTS)
+    ]
+    writer = FlakyWriter(list(deadlocks))
+    with pytest.raises(OperationalError) as raised:
+        writer([CallbackRecord(ref_id="m", send_status=5)])
+    assert raised.value is deadlocks[-1]
+    assert writer.attempts == WRITE_ATTEMPTS and len(writer.retries) == WRITE_ATTEMPTS - 1
+
+    for error in (
+        _db_error(ConnectionRefusedError("refused")),
+        DataError("UPDATE messages ...", {}, psycopg.errors.NumericValueOutOfRange("too big")),
+    ):
+        writer = FlakyWriter([error])
+        with pytest.raises(type(error)):
+            writer([CallbackRecord(ref_id="m", send_status=5)])
+        assert writer.attempts == 1 and writer.retries == []
 
 
 def test_record_from_fields_keeps_a_callback_url_the_push_names():
