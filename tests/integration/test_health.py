@@ -72,6 +72,7 @@ def test_systemd_units_verify_cleanly(tmp_path):
         "esms-worker.service",
         "esms-beat.service",
         "esms-flower.service",
+        "esms-receiver.service",
     }
     for unit in units:
         # The units name the install directory of docs/deploy.md; this checkout stands in for it
