@@ -14,6 +14,8 @@ scrape costs no query.
 from __future__ import annotations
 
 import logging
+import time
+from collections import deque
 from collections.abc import Iterable
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -73,7 +75,8 @@ BATCHES = Counter(
 )
 TICKS = Counter(
     "esms_scheduler_ticks_total",
-    "Scheduler ticks: run, or skipped because another tick held the lock",
+    "Scheduler ticks: run, skipped because another tick held the lock, or stale (another tick "
+    "ran less than half a tick interval ago: this one waited in the queue)",
     ["result"],
 )
 BATCHES_QUEUED = Counter(
@@ -89,6 +92,25 @@ BACKLOG_OLDEST_AGE = Gauge(
     "Age of the account's oldest pending message (0 when none is pending)",
     ["account"],
 )
+NOT_FOUND_REQUESTS = Counter(
+    "esms_not_found_requests_total",
+    "GetCallback requests answered Code 105 (SMSID not found) for the whole request",
+    ["account"],
+)
+UNKNOWN_REFIDS_BUDGET_SHARE = Gauge(
+    "esms_unknown_refids_budget_share",
+    "Share of this worker's GetCallback requests of the last minute spent on RefIds the "
+    "provider does not know: answered Code 105, or polls of RefIds answered 105 before "
+    "(worker.notfound). Near NOT_FOUND_BUDGET_SHARE: the sender is inserting RefIds eSMS has "
+    "no callback data for (sent without CallbackUrl, or mistyped)",
+    ["account"],
+)
+CLOCK_SKEW_SECONDS = Gauge(
+    "esms_clock_skew_seconds",
+    "This worker's clock minus the shared clock `reference` (postgres: now(), redis: TIME), "
+    "measured at each scheduling tick this worker runs",
+    ["reference"],
+)
 UNPOLLABLE_PENDING = Gauge(
     "esms_unpollable_pending",
     "Pending messages no request can carry: their account is configured on no worker "
@@ -98,6 +120,28 @@ UNPOLLABLE_PENDING = Gauge(
 # The label pairs this process has set, so that one whose rows are gone is set to 0, not left
 # showing its last count.
 _unpollable_seen: set[tuple[str, str]] = set()
+
+
+_SHARE_WINDOW_SECONDS = 60.0
+# Per account: (monotonic second, requests, requests on unknown RefIds), oldest first.
+_share_seconds: dict[str, deque[list[float]]] = {}
+
+
+def count_request(account: str, error: ProviderError | None, *, on_unknown: bool) -> None:
+    """Count one GetCallback request by result, and in the share of the last minute's requests
+    spent on RefIds the provider does not know."""
+    REQUESTS.labels(account, request_result(error)).inc()
+    now = float(int(time.monotonic()))
+    seconds = _share_seconds.setdefault(account, deque())
+    if seconds and seconds[-1][0] == now:
+        seconds[-1][1] += 1
+        seconds[-1][2] += on_unknown
+    else:
+        seconds.append([now, 1, float(on_unknown)])
+    while seconds and seconds[0][0] <= now - _SHARE_WINDOW_SECONDS:
+        seconds.popleft()
+    total = sum(entry[1] for entry in seconds)
+    UNKNOWN_REFIDS_BUDGET_SHARE.labels(account).set(sum(entry[2] for entry in seconds) / total)
 
 
 def request_result(error: ProviderError | None) -> str:

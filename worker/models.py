@@ -126,5 +126,14 @@ poll_batches = Table(
     Column("ref_ids", ARRAY(Text), nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
     Column("lease_expires_at", DateTime(timezone=True), nullable=False),
+    # known | new | lone | half: what the batch holds (migration 0006, worker.notfound).
+    Column("kind", Text, nullable=False, server_default=text("'known'")),
+    # A half leased but not sent: its sibling's answer decides what becomes of it.
+    Column("parked_for", Uuid),
     Index("poll_batches_account_idx", "account", "lease_expires_at"),
+    Index(
+        "poll_batches_parked_for_idx",
+        "parked_for",
+        postgresql_where=text("parked_for IS NOT NULL"),
+    ),
 )

@@ -6,8 +6,9 @@ changes no message's data: the batch's rows are released to be due again after a
 one log line names the account, OAId, batch size and reason (never a key). Code 160 also cuts
 the ApiKey's shared rate (worker.ratelimit), so every worker slows down together. A batch whose
 account or OA cools off after a refusal (see `worker.cooloff`) is released unsent until the
-cool-off ends. A batch answered Code 105 ("SMSID not found") is split in halves, so that one
-RefId the provider cannot find does not hold back the others.
+cool-off ends. A batch answered Code 105 ("SMSID not found") is searched for the RefIds the
+provider does not know, one half at a time, within a budget (worker.notfound), so that they do
+not hold back the others.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from worker import metrics, store
 from worker.cooloff import CoolOffs, account_scope, oa_scope
 from worker.errors import AccountRejected, OARejected, ProviderError, RateLimited, RefIdsNotFound
 from worker.esms_client import EsmsClient
+from worker.notfound import NotFoundTracker
 from worker.ratelimit import INCREASE_PER_SECOND, RateLimiter, Slot, SlotRefused
 from worker.settings import MAX_LIMITER_WAIT_SECONDS, Settings
 
@@ -60,10 +62,12 @@ def poll_batch(
     client: EsmsClient,
     limiter: RateLimiter,
     cooloffs: CoolOffs,
+    notfound: NotFoundTracker,
     enqueue: Callable[[Sequence[store.Batch]], None] | None = None,
 ) -> PollResult:
-    """Poll one leased batch. `enqueue` queues batches this poll makes (the halves of a batch
+    """Poll one leased batch. `enqueue` queues batches this poll makes (the search of a batch
     the provider answered Code 105); without it such a batch is released instead."""
+    search = _Search(engine, settings, notfound, enqueue)
     with store.single_statements(engine) as conn:
         batch = store.load_batch(conn, batch_id, settings.lease_min_remaining_seconds)
     if batch is None:
@@ -77,6 +81,7 @@ def poll_batch(
     size = len(batch.ref_ids)
     if account is None:
         _release(engine, batch, settings.poll_max_interval_seconds)
+        search.settle(batch, found=None, delay=settings.poll_max_interval_seconds)
         metrics.BATCHES.labels(Outcome.UNKNOWN_ACCOUNT).inc()
         log.warning(
             "account=%s oa=%s size=%d: account not configured, batch released",
@@ -93,6 +98,7 @@ def poll_batch(
         slot = limiter.wait_for_slot(budget, deadline - time.monotonic())
         if slot is None:
             why = f"no rate slot within {MAX_LIMITER_WAIT_SECONDS:.0f}s"
+            search.settle(batch, found=None, delay=0)
             return _give_back(engine, batch, 0, Outcome.NO_SLOT, "no rate slot", why)
         _count_slot(batch.account, slot, time.monotonic() - waiting_since)
 
@@ -109,6 +115,7 @@ def poll_batch(
             if refused.reason == "blocked":
                 paused_for = refused.blocked_seconds
                 why = f"cooling off for {paused_for:.0f}s after a refusal"
+                search.settle(batch, found=None, delay=paused_for)
                 return _give_back(engine, batch, paused_for, Outcome.PAUSED, "cooling off", why)
             metrics.SENDS_RETIMED.labels(batch.account, refused.reason).inc()
             continue
@@ -116,15 +123,17 @@ def poll_batch(
             elapsed = time.monotonic() - started
             sent = sent_at[0] if sent_at else None
             return _failed(
-                exc, elapsed, sent, batch, budget, settings, engine, limiter, cooloffs, enqueue
+                exc, elapsed, sent, batch, budget, settings, engine, limiter, cooloffs, search
             )
     elapsed = time.monotonic() - started
-    metrics.REQUESTS.labels(batch.account, metrics.request_result(None)).inc()
+    metrics.count_request(batch.account, None, on_unknown=batch.kind == "lone")
     metrics.REQUEST_SECONDS.labels(batch.account).observe(elapsed)
     with store.single_statements(engine) as conn:
         completed = store.complete_batch(conn, batch, records, settings)
     # After the commit: the answer is safe in Postgres even if Redis is away for this call.
     cooloffs.clear(*scopes)
+    notfound.observe(batch.account, known=completed.first_answers)
+    search.settle(batch, found=True)
     # Counted after the commit: a write that failed resolved nothing.
     for state, count in completed.resolved.items():
         metrics.RESOLVED.labels(state).inc(count)
@@ -152,12 +161,13 @@ def _failed(
     engine: Engine,
     limiter: RateLimiter,
     cooloffs: CoolOffs,
-    enqueue: Callable[[Sequence[store.Batch]], None] | None,
+    search: _Search,
 ) -> PollResult:
     """A request that got no usable answer: count it, react to what the provider said (rate
-    cut, cool-off, split), release the batch, one log line."""
+    cut, cool-off, search for unknown RefIds), release the batch, one log line."""
     size = len(batch.ref_ids)
-    metrics.REQUESTS.labels(batch.account, metrics.request_result(exc)).inc()
+    not_found = isinstance(exc, RefIdsNotFound)
+    metrics.count_request(batch.account, exc, on_unknown=not_found or batch.kind == "lone")
     metrics.REQUEST_SECONDS.labels(batch.account).observe(elapsed)
     if isinstance(exc, RateLimited):
         if sent_at_us is not None:
@@ -170,8 +180,11 @@ def _failed(
     else:
         delay = settings.poll_interval_seconds
     then = ""
-    if isinstance(exc, RefIdsNotFound):
-        then = _not_found(engine, batch, settings, enqueue)
+    if not_found:
+        metrics.NOT_FOUND_REQUESTS.labels(batch.account).inc()
+        then = search.not_found(batch)
+    else:
+        search.settle(batch, found=None, delay=delay)
     if not then:
         _release(engine, batch, delay)
     metrics.BATCHES.labels(Outcome.FAILED).inc()
@@ -236,30 +249,70 @@ def _slow_down(limiter: RateLimiter, budget: str, account: str, sent_at_us: int)
     )  # fmt: skip
 
 
-def _not_found(
-    engine: Engine,
-    batch: store.Batch,
-    settings: Settings,
-    enqueue: Callable[[Sequence[store.Batch]], None] | None,
-) -> str:
-    """Code 105 ("SMSID not found") answers for the whole request, though one RefId the
-    provider cannot find yet may be its only cause. Split the batch in two and queue the halves,
-    so the RefIds it can find are not held back by the one it cannot; a single RefId counts as
-    polled without data and backs off like any other. Returns what was done, for the log line,
-    or "" when the batch is to be released as after any failure."""
-    if len(batch.ref_ids) == 1:
-        with engine.begin() as conn:
-            store.complete_batch(conn, batch, [], settings)
-        return "; polled again after its backoff"
-    if enqueue is None:
-        return ""
-    with engine.begin() as conn:
-        halves = store.split_batch(conn, batch, settings.lease_seconds)
-    if not halves:
-        return ""
-    enqueue(halves)
-    first, second = (len(half.ref_ids) for half in halves)
-    return f"; split into batches of {first} and {second} RefIds"
+class _Search:
+    """What a poll does about RefIds the provider does not know (worker.notfound): one place for
+    the answers to a searched half and for batches answered Code 105."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        settings: Settings,
+        tracker: NotFoundTracker,
+        enqueue: Callable[[Sequence[store.Batch]], None] | None,
+    ) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.tracker = tracker
+        self.enqueue = enqueue
+
+    def not_found(self, batch: store.Batch) -> str:
+        """Code 105 for the whole request. A RefId asked alone is unknown for now: polled alone
+        from now on. A larger batch is searched one half at a time (the tick's claim keeps the
+        searches within the account's budget); a batch of RefIds never answered that is much
+        larger than the account's pool size now goes back to be pooled. Returns what was done,
+        for the log line, or "" when the batch is to be released as after any failure."""
+        self.settle(batch, found=False)
+        size = len(batch.ref_ids)
+        if size == 1:
+            with store.single_statements(self.engine) as conn:
+                newly = store.mark_not_found(conn, batch, self.settings, polled=True)
+            self.tracker.observe(batch.account, unknown=newly)
+            return "; polled alone from now on"
+        pool = self.tracker.pool_size(batch.account)
+        if batch.kind == "new" and size > 2 * pool:
+            _release(self.engine, batch, 0)
+            return f"; back to be pooled {pool} to a request"
+        if self.enqueue is None:
+            return ""
+        with self.engine.begin() as conn:
+            first = store.search_halves(conn, batch, self.settings.lease_seconds)
+        if first is None:
+            return ""
+        self.enqueue([first])
+        return f"; searched: {len(first.ref_ids)} RefIds sent, {size - len(first.ref_ids)} parked"
+
+    def settle(self, batch: store.Batch, *, found: bool | None, delay: float = 0) -> None:
+        """Decide the parked half of a searched batch from the answer to its sibling: `found`
+        (the sibling was answered) means the RefId the provider does not know is in the parked
+        half, which is searched next without being sent whole; False (105 again: the search goes
+        on in the sibling) or None (no answer) sends it back to be polled after `delay`."""
+        if batch.kind != "half":
+            return
+        with store.single_statements(self.engine) as conn:
+            parked = store.parked_batch(conn, batch.id)
+            if parked is None:
+                return
+            if found and len(parked.ref_ids) == 1:
+                newly = store.mark_not_found(conn, parked, self.settings, polled=False)
+                self.tracker.observe(parked.account, unknown=newly)
+                return
+            if not found or self.enqueue is None:
+                store.release_batch(conn, parked, delay if found is None else 0)
+                return
+        with self.engine.begin() as conn:
+            first = store.search_halves(conn, parked, self.settings.lease_seconds)
+        if first is not None:
+            self.enqueue([first])
 
 
 def _fields(batch: store.Batch, size: int, duration: float | None = None, **more) -> dict:

@@ -15,8 +15,10 @@ from functools import lru_cache
 import redis
 from sqlalchemy import Engine
 
+from worker.clocks import TickGate
 from worker.cooloff import CoolOffs
 from worker.esms_client import EsmsClient
+from worker.notfound import NotFoundTracker
 from worker.ratelimit import RateLimiter, RatePolicy
 from worker.settings import get_settings
 from worker.store import make_engine
@@ -62,6 +64,16 @@ def rate_limiter() -> RateLimiter:
 @lru_cache(maxsize=1)
 def cooloffs() -> CoolOffs:
     return CoolOffs(redis_client())
+
+
+@lru_cache(maxsize=1)
+def tick_gate() -> TickGate:
+    return TickGate(redis_client(), get_settings().schedule_tick_seconds)
+
+
+@lru_cache(maxsize=1)
+def notfound() -> NotFoundTracker:
+    return NotFoundTracker(redis_client(), get_settings())
 
 
 def warm_up() -> None:

@@ -23,8 +23,9 @@ from itertools import chain, zip_longest
 
 from sqlalchemy import Engine
 
-from worker import metrics, store
+from worker import clocks, metrics, store
 from worker.cooloff import CoolOffs, account_scope
+from worker.notfound import NotFoundTracker
 from worker.settings import Settings
 from worker.store import Batch
 
@@ -92,10 +93,13 @@ def schedule_tick(
     settings: Settings,
     enqueue: Callable[[Sequence[Batch]], None],
     cooloffs: CoolOffs | None = None,
+    notfound: NotFoundTracker | None = None,
 ) -> TickReport:
     """One scheduling round; `enqueue` receives the new batches after they are committed.
 
-    Accounts and OAs in a cool-off (see `worker.cooloff`) are not claimed.
+    Accounts and OAs in a cool-off (see `worker.cooloff`) are not claimed. With `notfound`,
+    RefIds never answered and RefIds answered Code 105 alone are claimed within the account's
+    not-found budget (worker.notfound).
     """
     report = TickReport()
     accounts = list(settings.accounts)
@@ -110,6 +114,7 @@ def schedule_tick(
             metrics.TICKS.labels("skipped").inc()
             return report
         store.heartbeat(conn)
+        clocks.postgres_skew(conn)
         # With pushes, a new message waits out the grace first: most never need a poll.
         first_poll = max(settings.poll_interval_seconds, settings.push_grace_seconds)
         report.initialized = store.initialize_new(conn, first_poll)
@@ -125,6 +130,7 @@ def schedule_tick(
             wanted = batches_wanted(settings, in_flight.get(name, 0))
             if wanted == 0:
                 continue
+            limits = notfound.limits(name) if notfound is not None else None
             batches = store.claim_batches(
                 conn,
                 name,
@@ -133,6 +139,7 @@ def schedule_tick(
                 settings.lease_seconds,
                 skip_oas.get(name, ()),
                 settings.poll_batch_fill_seconds,
+                limits=limits,
             )
             per_account.append(batches)
         report.batches = interleave_accounts(per_account)

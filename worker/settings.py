@@ -87,6 +87,14 @@ class Settings(BaseSettings):
     # messages each tick brings (the ones pushes missed, or a slow trickle) share full requests.
     # Rows already polled never wait: the gap between two polls stays within the maximum.
     poll_batch_fill_seconds: float = Field(0, ge=0)
+    # RefIds the provider answers Code 105 for (worker.notfound): one answered 105 alone is polled
+    # alone from then on, 4 times longer after each 105 from POLL_INTERVAL_SECONDS up to this
+    # (6 h: a RefId sent without CallbackUrl costs 18 requests over the default 3-day maximum
+    # age, not the 430 of a pending message polled every POLL_MAX_INTERVAL_SECONDS).
+    not_found_max_interval_seconds: float = Field(21600, gt=0)
+    # At most this share of each account's requests per tick searches batches answered Code 105
+    # or polls lone RefIds answered 105, so RefIds the provider knows keep the rest of the rate.
+    not_found_budget_share: float = Field(0.5, gt=0, le=1)
 
     # How often beat runs the scheduler, and how many seconds of the rate budget it keeps queued
     # ahead of the workers: enough to cover one tick plus the slowest response, never more.

@@ -29,6 +29,7 @@ from worker.merge import (
     record_rank,
     sql_status_rank,
 )
+from worker.notfound import ClaimLimits
 from worker.records import CallbackRecord
 from worker.settings import Settings
 
@@ -68,6 +69,8 @@ class Batch:
     account: str
     oa_id: str
     ref_ids: tuple[str, ...]
+    # known | new | lone | half: see _CLAIM_BATCHES and worker.notfound.
+    kind: str = "known"
 
 
 # --- scheduling -------------------------------------------------------------------------------
@@ -122,30 +125,45 @@ _INFLIGHT = text(
 
 _INSERT_BATCHES = text(
     """
-    INSERT INTO poll_batches (id, account, oa_id, ref_ids, lease_expires_at)
+    INSERT INTO poll_batches (id, account, oa_id, ref_ids, lease_expires_at, kind, parked_for)
     SELECT id, :account, oa_id, string_to_array(ref_ids, chr(31)),
-           now() + make_interval(secs => :lease)
-    FROM unnest(CAST(:ids AS uuid[]), CAST(:oa_ids AS text[]), CAST(:ref_ids AS text[]))
-         AS b(id, oa_id, ref_ids)
+           now() + make_interval(secs => :lease), kind, parked_for
+    FROM unnest(CAST(:ids AS uuid[]), CAST(:oa_ids AS text[]), CAST(:ref_ids AS text[]),
+                CAST(:kinds AS text[]), CAST(:parked_for AS uuid[]))
+         AS b(id, oa_id, ref_ids, kind, parked_for)
     """
 )
 
-# The rows are named by the batches just inserted: only the batch ids travel.
+# The rows are named by the batches just inserted: only the batch ids travel. Locked in key
+# order first, as every writer of several rows here does, so two writers cannot deadlock.
 _LEASE_ROWS = text(
     """
+    WITH locked AS (
+        SELECT m.ref_id, b.id AS batch_id
+        FROM poll_batches AS b, unnest(b.ref_ids) AS r(ref_id), messages AS m
+        WHERE b.id = ANY(CAST(:ids AS uuid[])) AND m.ref_id = r.ref_id
+          AND (CAST(:from_batch AS uuid) IS NULL OR m.lease_id = CAST(:from_batch AS uuid))
+        ORDER BY m.ref_id
+        FOR UPDATE OF m
+    )
     UPDATE messages AS m
-    SET lease_id = b.id, next_poll_at = now() + make_interval(secs => :lease)
-    FROM poll_batches AS b, unnest(b.ref_ids) AS r(ref_id)
-    WHERE b.id = ANY(CAST(:ids AS uuid[])) AND m.ref_id = r.ref_id
-      AND (CAST(:from_batch AS uuid) IS NULL OR m.lease_id = CAST(:from_batch AS uuid))
+    SET lease_id = l.batch_id, next_poll_at = now() + make_interval(secs => :lease)
+    FROM locked AS l
+    WHERE m.ref_id = l.ref_id
     """
 )
 
 
-# A tick's claim for one account, in one statement: the oldest due rows, grouped per OAId into
-# batches of at most :batch_size in due order, the oldest :wanted batches chosen, their rows
-# locked (SKIP LOCKED: a row another transaction holds waits for the next tick), leased, and the
-# batches recorded with the rows actually leased. Candidates are the rows with a next poll time
+# A tick's claim for one account, in one statement: the oldest due rows, grouped per OAId and
+# kind into batches in due order, the oldest :wanted batches chosen, their rows locked (SKIP
+# LOCKED: a row another transaction holds waits for the next tick), leased, and the batches
+# recorded with the rows actually leased. Kinds keep RefIds the provider may not know away from
+# those it answered for (worker.notfound): `known` rows go :batch_size to a batch, `new` rows
+# (never answered, no push either) :new_size when that is smaller (else they count as known:
+# an account whose RefIds are all found pays nothing for the distinction), `lone` rows
+# (answered Code 105 alone) one to a batch; at most :new_limit batches of new rows and
+# :lone_limit of lone ones per tick.
+# Candidates are the rows with a next poll time
 # (only pending rows have one; the lock re-checks the state, and migration 0005 says why the
 # query does not), read unlocked, up to twice the rows wanted, so that an OA whose due rows
 # straddle the cut still fills its batches; when even that many are due, a short batch may be
@@ -157,30 +175,41 @@ _CLAIM_BATCHES = text(
     """
     WITH candidates AS (
         SELECT ref_id, oa_id, next_poll_at,
+               CASE WHEN not_found_count > 0 THEN 'lone'
+                    WHEN poll_count = 0 AND send_status IS NULL AND :new_size < :batch_size
+                        THEN 'new'
+                    ELSE 'known' END AS kind,
                poll_count = 0 AND next_poll_at > now() - make_interval(secs => :fill) AS may_wait
         FROM messages
         WHERE account = :account AND next_poll_at <= now()
           AND oa_id <> '' AND NOT (oa_id = ANY(:skip_oas))
         ORDER BY next_poll_at
         LIMIT :candidates
-    ), chunks AS (
-        SELECT ref_id, oa_id, next_poll_at, may_wait,
-               (row_number() OVER (PARTITION BY oa_id ORDER BY next_poll_at, ref_id) - 1)
-                   / :batch_size AS chunk,
-               count(*) OVER () = :candidates AS truncated
+    ), sized AS (
+        SELECT *, CASE kind WHEN 'known' THEN :batch_size WHEN 'new' THEN :new_size ELSE 1 END
+                      AS full_size
         FROM candidates
+    ), chunks AS (
+        SELECT ref_id, oa_id, kind, full_size, next_poll_at, may_wait,
+               (row_number() OVER (PARTITION BY oa_id, kind ORDER BY next_poll_at, ref_id) - 1)
+                   / full_size AS chunk,
+               count(*) OVER () = :candidates AS truncated
+        FROM sized
     ), batches AS (
-        SELECT oa_id, chunk, min(next_poll_at) AS oldest, count(*) AS size,
-               bool_and(may_wait) AS may_wait, bool_or(truncated) AS truncated,
-               array_agg(ref_id) AS ref_ids
+        SELECT oa_id, kind, chunk, min(next_poll_at) AS oldest, count(*) AS size,
+               min(full_size) AS full_size, bool_and(may_wait) AS may_wait,
+               bool_or(truncated) AS truncated, array_agg(ref_id) AS ref_ids,
+               row_number() OVER (PARTITION BY kind ORDER BY min(next_poll_at)) AS nth_of_kind
         FROM chunks
-        GROUP BY oa_id, chunk
+        GROUP BY oa_id, kind, chunk
     ), chosen AS MATERIALIZED (
-        SELECT gen_random_uuid() AS id, oa_id, ref_ids, oldest, chunk,
-               truncated AND size < :batch_size AS maybe_cut
+        SELECT gen_random_uuid() AS id, oa_id, kind, ref_ids, oldest, chunk,
+               truncated AND size < full_size AS maybe_cut
         FROM batches
-        WHERE size >= :batch_size OR NOT may_wait
-        ORDER BY maybe_cut, oldest, oa_id, chunk
+        WHERE (size >= full_size OR NOT may_wait)
+          AND (kind <> 'lone' OR nth_of_kind <= :lone_limit)
+          AND (kind <> 'new' OR nth_of_kind <= :new_limit)
+        ORDER BY maybe_cut, oldest, oa_id, kind, chunk
         LIMIT :wanted
     ), members AS MATERIALIZED (
         -- Two narrow columns: FOR UPDATE below carries each joined row whole, and a row of
@@ -200,16 +229,16 @@ _CLAIM_BATCHES = text(
         WHERE m.ref_id = l.ref_id
         RETURNING m.ref_id, l.batch_id
     ), recorded AS (
-        INSERT INTO poll_batches (id, account, oa_id, ref_ids, lease_expires_at)
+        INSERT INTO poll_batches (id, account, oa_id, ref_ids, lease_expires_at, kind)
         SELECT c.id, :account, c.oa_id, array_agg(l.ref_id ORDER BY l.ref_id),
-               now() + make_interval(secs => :lease)
+               now() + make_interval(secs => :lease), c.kind
         FROM leased AS l JOIN chosen AS c ON c.id = l.batch_id
-        GROUP BY c.id, c.oa_id
-        RETURNING id, oa_id, ref_ids
+        GROUP BY c.id, c.oa_id, c.kind
+        RETURNING id, oa_id, ref_ids, kind
     )
-    SELECT r.id, r.oa_id, r.ref_ids
+    SELECT r.id, r.oa_id, r.ref_ids, r.kind
     FROM recorded AS r JOIN chosen AS c ON c.id = r.id
-    ORDER BY c.maybe_cut, c.oldest, c.oa_id, c.chunk
+    ORDER BY c.maybe_cut, c.oldest, c.oa_id, c.kind, c.chunk
     """
 )
 
@@ -222,24 +251,32 @@ def claim_batches(
     lease_seconds: float,
     skip_oas: Sequence[str] = (),
     fill_seconds: float = 0,
+    *,
+    limits: ClaimLimits | None = None,
 ) -> list[Batch]:
     """Claim and lease up to `wanted` batches of the account's due rows, oldest first: one OAId
-    each, at most `batch_size` RefIds, skipping the OAs in `skip_oas`; `fill_seconds` is the
-    batch-fill wait. The batches come in the order they should be sent."""
+    and one kind each (see _CLAIM_BATCHES), at most `batch_size` RefIds, skipping the OAs in
+    `skip_oas`; `fill_seconds` is the batch-fill wait. `limits` (worker.notfound) sizes and
+    counts the batches of RefIds the provider may not know; without them every RefId counts as
+    known. The batches come in the order they should be sent."""
     if wanted <= 0:
         return []
+    new_size = min(limits.new_size, batch_size) if limits else batch_size
     params = {
         "account": account,
         "wanted": wanted,
         "batch_size": batch_size,
+        "new_size": max(1, new_size),
+        "new_limit": limits.new_limit if limits and limits.new_limit is not None else wanted,
+        "lone_limit": limits.lone_limit if limits else wanted,
         "candidates": 2 * wanted * batch_size,
         "lease": lease_seconds,
         "skip_oas": list(skip_oas),
         "fill": fill_seconds,
     }
     return [
-        Batch(batch_id, account, oa_id, tuple(ref_ids))
-        for batch_id, oa_id, ref_ids in conn.execute(_CLAIM_BATCHES, params)
+        Batch(batch_id, account, oa_id, tuple(ref_ids), kind)
+        for batch_id, oa_id, ref_ids, kind in conn.execute(_CLAIM_BATCHES, params)
     ]
 
 
@@ -304,7 +341,11 @@ def inflight_batches(conn: Connection) -> dict[str, int]:
 
 
 def _insert_batches(
-    conn: Connection, account: str, batches: Sequence[Batch], lease_seconds: float
+    conn: Connection,
+    account: str,
+    batches: Sequence[Batch],
+    lease_seconds: float,
+    parked_for: Sequence[uuid.UUID | None] | None = None,
 ) -> None:
     conn.execute(
         _INSERT_BATCHES,
@@ -316,6 +357,8 @@ def _insert_batches(
             # RefIds travel as one unit-separator-joined string per batch: Postgres has no
             # ragged arrays, and chr(31) cannot occur in an SMSID we would send.
             "ref_ids": ["\x1f".join(batch.ref_ids) for batch in batches],
+            "kinds": [batch.kind for batch in batches],
+            "parked_for": list(parked_for) if parked_for else [None] * len(batches),
         },
     )
 
@@ -326,25 +369,36 @@ def lease_batches(
     batches: Sequence[Batch],
     lease_seconds: float,
     from_batch: uuid.UUID | None = None,
+    parked_for: Sequence[uuid.UUID | None] | None = None,
 ) -> None:
     """Record `batches` (known RefIds) and point their rows at them until the lease runs out;
-    with `from_batch`, only rows that batch still holds."""
+    with `from_batch`, only rows that batch still holds; `parked_for` (one per batch, or None)
+    marks a batch leased but not sent, waiting for the answer to that batch."""
     if not batches:
         return
-    _insert_batches(conn, account, batches, lease_seconds)
+    _insert_batches(conn, account, batches, lease_seconds, parked_for)
     conn.execute(
         _LEASE_ROWS,
         {"ids": [batch.id for batch in batches], "lease": lease_seconds, "from_batch": from_batch},
     )
 
 
-def _next_poll_sql(row: str, base: str, max_interval: str, max_age: str) -> str:
-    """When a polled row is due again: its backoff (`base` doubling per poll, at most
-    `max_interval`), but never after the end of its maximum age, so that the expiry sweep finds
-    every row looked at once more at that age (an outage does not expire rows unpolled)."""
+def _next_poll_sql(
+    row: str,
+    base: str,
+    max_interval: str,
+    max_age: str,
+    count: str = "poll_count",
+    growth: int = 2,
+) -> str:
+    """When a polled row is due again: its backoff (`base` times `growth` per poll counted in
+    `count`, at most `max_interval`), but never after the end of its maximum age, so that the
+    expiry sweep finds every row looked at once more at that age (an outage does not expire rows
+    unpolled)."""
+    steps = 30 if growth == 2 else 15
     backoff = (
-        f"now() + make_interval(secs => LEAST({base} * power(2, LEAST({row}.poll_count, 30)), "
-        f"{max_interval}))"
+        f"now() + make_interval(secs => LEAST("
+        f"{base} * power({growth}, LEAST({row}.{count}, {steps})), {max_interval}))"
     )
     deadline = f"COALESCE({row}.repolled_at, {row}.created_at) + make_interval(secs => {max_age})"
     return f"CASE WHEN {deadline} > now() THEN LEAST({backoff}, {deadline}) ELSE {backoff} END"
@@ -354,7 +408,7 @@ def _next_poll_sql(row: str, base: str, max_interval: str, max_age: str) -> str:
 
 _LOAD_BATCH = text(
     """
-    SELECT account, oa_id, ref_ids,
+    SELECT account, oa_id, ref_ids, kind,
            lease_expires_at > now() + make_interval(secs => :min_remaining) AS long_enough
     FROM poll_batches
     WHERE id = :id AND lease_expires_at > now()
@@ -364,11 +418,17 @@ _LOAD_BATCH = text(
 # One statement, so that it is atomic without a transaction around it.
 _RELEASE_BATCH = text(
     """
-    WITH released AS (
-        UPDATE messages
-        SET lease_id = NULL, next_poll_at = now() + make_interval(secs => :delay)
+    WITH locked AS (
+        SELECT ref_id FROM messages
         WHERE ref_id IN (SELECT jsonb_array_elements_text(CAST(:ref_ids AS jsonb)))
           AND lease_id = :id AND state = 'pending'
+        ORDER BY ref_id
+        FOR UPDATE
+    ), released AS (
+        UPDATE messages AS m
+        SET lease_id = NULL, next_poll_at = now() + make_interval(secs => :delay)
+        FROM locked AS l
+        WHERE m.ref_id = l.ref_id
     )
     DELETE FROM poll_batches WHERE id = :id
     """
@@ -385,8 +445,8 @@ def load_batch(conn: Connection, batch_id: uuid.UUID, min_remaining_seconds: flo
     ).first()
     if row is None:
         return None
-    account, oa_id, ref_ids, long_enough = row
-    batch = Batch(batch_id, account, oa_id, tuple(ref_ids))
+    account, oa_id, ref_ids, kind, long_enough = row
+    batch = Batch(batch_id, account, oa_id, tuple(ref_ids), kind)
     if not long_enough:
         release_batch(conn, batch, 0)
         return None
@@ -395,10 +455,12 @@ def load_batch(conn: Connection, batch_id: uuid.UUID, min_remaining_seconds: flo
 
 @dataclass(frozen=True)
 class Completed:
-    """What finishing a batch did: rows whose data changed, and rows made final by state."""
+    """What finishing a batch did: rows whose data changed, rows made final by state, and rows of
+    the lease the provider answered for the first time (evidence that it knows its RefIds)."""
 
     changed: int
     resolved: dict[str, int]
+    first_answers: int = 0
 
 
 def complete_batch(
@@ -421,18 +483,80 @@ _TAKE_BATCH = text(
 )
 
 
-def split_batch(conn: Connection, batch: Batch, lease_seconds: float) -> list[Batch]:
-    """Replace a leased batch by its two halves, each with a new lease; [] if its lease is gone
-    (its rows may belong to another request by now, so they are not touched)."""
+def search_halves(conn: Connection, batch: Batch, lease_seconds: float) -> Batch | None:
+    """Replace a leased batch the provider answered Code 105 by its two halves, each with a new
+    lease: the first to be sent (returned), the second parked: leased but not sent, for the
+    first's answer to decide (`parked_batch`). None if the batch's lease is gone (its rows may
+    belong to another request by now, so they are not touched)."""
     if conn.execute(_TAKE_BATCH, {"id": batch.id}).first() is None:
-        return []
+        return None
     middle = len(batch.ref_ids) // 2
-    halves = [
-        Batch(uuid.uuid4(), batch.account, batch.oa_id, part)
+    first, parked = (
+        Batch(uuid.uuid4(), batch.account, batch.oa_id, part, "half")
         for part in (batch.ref_ids[:middle], batch.ref_ids[middle:])
-    ]
-    lease_batches(conn, batch.account, halves, lease_seconds, from_batch=batch.id)
-    return halves
+    )
+    lease_batches(conn, batch.account, [first, parked], lease_seconds, batch.id, [None, first.id])
+    return first
+
+
+_PARKED_BATCH = text(
+    """
+    SELECT id, account, oa_id, ref_ids, kind FROM poll_batches
+    WHERE parked_for = :sibling AND lease_expires_at > now()
+    """
+)
+
+
+def parked_batch(conn: Connection, sibling_id: uuid.UUID) -> Batch | None:
+    """The half parked until the answer to batch `sibling_id`, if its lease still runs."""
+    row = conn.execute(_PARKED_BATCH, {"sibling": sibling_id}).first()
+    if row is None:
+        return None
+    batch_id, account, oa_id, ref_ids, kind = row
+    return Batch(batch_id, account, oa_id, tuple(ref_ids), kind)
+
+
+_MARK_NOT_FOUND = text(
+    f"""
+    WITH locked AS (
+        SELECT ref_id, not_found_count FROM messages
+        WHERE ref_id IN (SELECT jsonb_array_elements_text(CAST(:ref_ids AS jsonb)))
+          AND lease_id = :id AND state = 'pending'
+        ORDER BY ref_id
+        FOR UPDATE
+    ), marked AS (
+        UPDATE messages AS m
+        SET not_found_count = m.not_found_count + 1, lease_id = NULL,
+            last_polled_at = CASE WHEN :polled THEN now() ELSE m.last_polled_at END,
+            next_poll_at = {
+        _next_poll_sql("m", ":base", ":lone_max_interval", ":max_age", "not_found_count", 4)
+    }
+        FROM locked AS l
+        WHERE m.ref_id = l.ref_id
+        RETURNING l.not_found_count AS before
+    ), lease AS (
+        DELETE FROM poll_batches WHERE id = :id
+    )
+    SELECT count(*) FILTER (WHERE before = 0) FROM marked
+    """
+)
+
+
+def mark_not_found(conn: Connection, batch: Batch, settings: Settings, *, polled: bool) -> int:
+    """End the lease of a batch whose RefIds the provider does not know (one RefId answered
+    Code 105 alone, or inferred by a search): each is polled alone from now on, on its own
+    backoff (`POLL_INTERVAL_SECONDS`, then 4 times longer at each 105, up to
+    `NOT_FOUND_MAX_INTERVAL_SECONDS`, never after its maximum age); `polled` (it was sent, not
+    inferred) counts it as polled without data. Returns how many were not marked before."""
+    params = {
+        "polled": polled,
+        "id": batch.id,
+        "ref_ids": _json(batch.ref_ids),
+        "base": settings.poll_interval_seconds,
+        "lone_max_interval": settings.not_found_max_interval_seconds,
+        "max_age": settings.message_max_age_seconds,
+    }
+    return conn.execute(_MARK_NOT_FOUND, params).scalar_one()
 
 
 def release_batch(conn: Connection, batch: Batch, delay_seconds: float) -> None:
@@ -507,6 +631,7 @@ _APPLY_REPORTS = text(
     f"""
     WITH x AS (
         SELECT v.ref_id, COALESCE(o.lease_id = CAST(:lease AS uuid), false) AS mine,
+               o.poll_count = 0 AND o.send_status IS NULL AS never_answered,
                o.state AS old_state, o.send_status AS old_send_status,
                (v.rank IS NOT NULL AND v.rank >= {sql_status_rank("o.send_status")}
                 AND (o.state = 'pending' OR v.state IN ({_FINAL_LIST}))
@@ -538,8 +663,8 @@ _APPLY_REPORTS = text(
             updated_at = CASE WHEN x.apply THEN now() ELSE m.updated_at END
         FROM x
         WHERE m.ref_id = x.ref_id AND (x.mine OR x.apply)
-        RETURNING x.ref_id, x.apply, x.old_state, m.state AS new_state, x.old_send_status,
-                  m.send_status AS new_send_status, m.error_code
+        RETURNING x.ref_id, x.apply, x.mine, x.never_answered, x.old_state, m.state AS new_state,
+                  x.old_send_status, m.send_status AS new_send_status, m.error_code
     ), history AS (
         INSERT INTO message_history (ref_id, source, batch_id, old_state, new_state,
                                      old_send_status, new_send_status, error_code)
@@ -549,7 +674,8 @@ _APPLY_REPORTS = text(
     ), lease AS (
         DELETE FROM poll_batches WHERE id = CAST(:lease AS uuid)
     )
-    SELECT count(*) FILTER (WHERE apply),
+    SELECT count(*) FILTER (WHERE mine AND never_answered),
+           count(*) FILTER (WHERE apply),
            {
         ", ".join(
             f"count(*) FILTER (WHERE apply AND new_state = '{state}')"
@@ -580,11 +706,11 @@ def _apply_reports(
         "max_interval": settings.poll_max_interval_seconds if settings else 0,
         "max_age": settings.message_max_age_seconds if settings else 0,
     }
-    changed, *by_state = conn.execute(_APPLY_REPORTS, params).one()
+    first_answers, changed, *by_state = conn.execute(_APPLY_REPORTS, params).one()
     resolved = {
         state: count for state, count in zip(_POLL_FINAL_STATES, by_state, strict=True) if count
     }
-    return Completed(changed, resolved)
+    return Completed(changed, resolved, first_answers)
 
 
 def merge_callbacks(

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from celery.signals import worker_ready
 
-from worker import poller, runtime, scheduler
+from worker import metrics, poller, runtime, scheduler
 from worker.celery import app
 from worker.settings import get_settings
 from worker.store import Batch
@@ -27,6 +27,7 @@ def _enqueue(batches: Sequence[Batch]) -> None:
                 "account": batch.account,
                 "oa_id": batch.oa_id,
                 "size": len(batch.ref_ids),
+                "kind": batch.kind,
             }
         )
 
@@ -43,12 +44,19 @@ def _warm_up(**_kwargs) -> None:
     # for tens of milliseconds (a poll woken that late gives its rate slot up).
     gc.collect()
     gc.freeze()
-    schedule.apply_async(expires=max(2 * get_settings().schedule_tick_seconds, 2.0))
+    schedule.apply_async()
 
 
 @app.task(name="esms.schedule", ignore_result=True)
 def schedule() -> dict:
-    report = scheduler.schedule_tick(runtime.engine(), get_settings(), _enqueue, runtime.cooloffs())
+    if not runtime.tick_gate().open():
+        # Another tick ran less than half a tick ago: this one waited in the queue (workers
+        # away, or a second beat) and would only repeat it.
+        metrics.TICKS.labels("stale").inc()
+        return {"skipped": True}
+    report = scheduler.schedule_tick(
+        runtime.engine(), get_settings(), _enqueue, runtime.cooloffs(), runtime.notfound()
+    )
     return {
         "skipped": report.skipped,
         "initialized": report.initialized,
@@ -58,8 +66,8 @@ def schedule() -> dict:
 
 
 @app.task(name="esms.poll_batch", ignore_result=True)
-def poll_batch(batch_id: str, account: str, oa_id: str, size: int) -> dict:
-    # account, oa_id and size are for people reading Flower; the batch row is the truth.
+def poll_batch(batch_id: str, account: str, oa_id: str, size: int, kind: str = "known") -> dict:
+    # account, oa_id, size and kind are for people reading Flower; the batch row is the truth.
     result = poller.poll_batch(
         uuid.UUID(batch_id),
         settings=get_settings(),
@@ -67,6 +75,7 @@ def poll_batch(batch_id: str, account: str, oa_id: str, size: int) -> dict:
         client=runtime.esms_client(),
         limiter=runtime.rate_limiter(),
         cooloffs=runtime.cooloffs(),
+        notfound=runtime.notfound(),
         enqueue=_enqueue,
     )
     return {"outcome": result.outcome.value, "size": result.size, "changed": result.changed}

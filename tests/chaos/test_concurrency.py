@@ -9,6 +9,7 @@ have) share one Postgres and one Redis; the Redis limiter must hold the rate per
 from __future__ import annotations
 
 import re
+import shutil
 
 import pytest
 
@@ -25,7 +26,7 @@ from tests.chaos.audit import (
     request_log,
 )
 from tests.chaos.conftest import KEYS, OAS
-from tests.processes import celery, wait_for
+from tests.processes import BIN, celery, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
@@ -79,3 +80,25 @@ def test_workers_on_two_hosts_share_the_rate(
     # together they stayed under it.
     assert RATE_LIMIT - 5 <= max(max_requests_per_second(log).values()) <= RATE_LIMIT
     assert overlapping_requests(log) == []
+
+
+@pytest.mark.skipif(shutil.which("faketime") is None, reason="needs faketime (apt: faketime)")
+def test_a_worker_whose_clock_runs_ahead_still_polls(
+    engine, database_url, broker_url, children, emulator_with
+):
+    """A worker 5 s ahead of beat's host (libfaketime): no tick carries an absolute expiry, so it
+    runs them all; every message ends true, and the worker reports the skew it sees."""
+    emulator = emulator_with("--latency-min-ms", "20", "--latency-max-ms", "80")
+    rows = new_messages(1000, OAS)
+    insert_messages(engine, emulator, rows)
+    env = daemon_env(database_url, broker_url, emulator.url, **KEYS)
+    argv = ["faketime", "-f", "+5s", str(BIN / "celery"), "-A", "worker", "worker", "-l", "INFO"]
+    worker = children.spawn("worker-ahead", argv, env)
+    celery(children, "beat", env)
+
+    wait_for(lambda: count_pending(engine) == 0, timeout=120, message="every message final")
+    wait_for(lambda: leftover_leases(engine) == (0, 0), timeout=60, message="no lease left")
+    assert_every_message_true(engine, emulator, [row["ref_id"] for row in rows])
+    skews = re.findall(r"clock is ([+-][\d.]+)s off (postgres|redis)'s", worker.log())
+    assert {reference for _, reference in skews} == {"postgres", "redis"}
+    assert all(4.5 < float(skew) < 5.5 for skew, _ in skews)

@@ -30,6 +30,7 @@ from worker import poller, scheduler, schema, store
 from worker.cli import app as cli_app
 from worker.cooloff import CoolOffs
 from worker.esms_client import EsmsClient
+from worker.notfound import NotFoundTracker
 from worker.ratelimit import RateLimiter, RatePolicy
 
 pytestmark = pytest.mark.integration
@@ -167,6 +168,7 @@ def test_a_tick_and_a_poll_end_to_end_as_the_app_role(deployed, app_settings, em
             client=client,
             limiter=RateLimiter(connection, RatePolicy.from_settings(settings)),
             cooloffs=CoolOffs(connection),
+            notfound=NotFoundTracker(connection, settings),
         )
     finally:
         client.close()

@@ -72,7 +72,7 @@ def test_flower_shows_the_worker_and_the_poll_tasks(engine, database_url, redis_
     for task in tasks:
         assert task["name"] == "esms.poll_batch"
         kwargs = ast.literal_eval(task["kwargs"])
-        assert set(kwargs) == {"batch_id", "account", "oa_id", "size"}
+        assert set(kwargs) == {"batch_id", "account", "oa_id", "size", "kind"}
         assert kwargs["account"] == "default" and kwargs["oa_id"] in oas
         assert 1 <= kwargs["size"] <= 200
         assert task["args"] in ("()", "[]")

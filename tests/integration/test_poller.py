@@ -14,6 +14,7 @@ from tests.processes import start_emulator
 from worker import poller, scheduler, store
 from worker.cooloff import CoolOffs, account_scope
 from worker.esms_client import EsmsClient
+from worker.notfound import ClaimLimits, NotFoundTracker
 from worker.ratelimit import RateLimiter, RatePolicy, SlotRefused
 
 pytestmark = pytest.mark.integration
@@ -60,6 +61,9 @@ def poll(engine, make_settings, emulator):
         RatePolicy.from_settings(settings),
     )
     cooloffs = CoolOffs(redis.Redis.from_url(settings.redis_url.get_secret_value()))
+    notfound = NotFoundTracker(
+        redis.Redis.from_url(settings.redis_url.get_secret_value()), settings
+    )
 
     def run(ref_ids, *, oa_id="oa-1", **overrides):
         local = settings.model_copy(update=overrides) if overrides else settings
@@ -80,6 +84,7 @@ def poll(engine, make_settings, emulator):
             client=client,
             limiter=limiter,
             cooloffs=cooloffs,
+            notfound=notfound,
         )
 
     yield run
@@ -202,7 +207,7 @@ def test_stale_batch_sends_nothing(engine, make_settings, emulator):
     cooloffs = CoolOffs(redis.Redis.from_url(settings.redis_url.get_secret_value()))
     result = poller.poll_batch(
         batch.id, settings=settings, engine=engine, client=client, limiter=limiter,
-        cooloffs=cooloffs,
+        cooloffs=cooloffs, notfound=NotFoundTracker(limiter._redis, settings),
     )  # fmt: skip
     assert result.outcome is poller.Outcome.STALE
     assert emulator.admin("GET", "/requests")["requests"] == []
@@ -212,11 +217,36 @@ def test_stale_batch_sends_nothing(engine, make_settings, emulator):
         assert [b.ref_ids for b in store.claim_batches(conn, "default", 1, 200, 60)] == [("e1",)]
 
 
-def test_code_105_splits_until_the_refid_not_found_is_alone(engine, make_settings, emulator):
-    """A provider that answers Code 105 to a whole request for one RefId it cannot find: the
-    other RefIds still get their data, the one not found backs off, and the search costs one
-    request per halving, not one per RefId."""
-    settings = make_settings(esms_base_url=emulator.url)
+def _search(engine, settings, emulator, ref_ids):
+    """Poll one batch of `ref_ids` and every batch its polls queue, against an emulator that
+    answers Code 105 to a whole request naming a RefId it does not know."""
+    connection = redis.Redis.from_url(settings.redis_url.get_secret_value())
+    client = EsmsClient(settings.esms_base_url, 2)
+    limiter = RateLimiter(connection, RatePolicy.from_settings(settings))
+    cooloffs, notfound = CoolOffs(connection), NotFoundTracker(connection, settings)
+    with engine.begin() as conn:
+        conn.execute(
+            text("INSERT INTO messages (ref_id, oa_id, next_poll_at) VALUES (:r, 'oa', now())"),
+            [{"r": ref} for ref in ref_ids],
+        )
+        queue = store.claim_batches(conn, "default", 1, 200, settings.lease_seconds)
+    outcomes = []
+    try:
+        while queue:
+            outcomes.append(
+                poller.poll_batch(
+                    queue.pop(0).id, settings=settings, engine=engine, client=client,
+                    limiter=limiter, cooloffs=cooloffs, notfound=notfound, enqueue=queue.extend,
+                ).outcome
+            )  # fmt: skip
+    finally:
+        client.close()
+    return outcomes, emulator.admin("GET", "/requests")["requests"]
+
+
+@pytest.fixture
+def strict_emulator(emulator, engine):
+    """The emulator knowing k0..k6 only, answering 105 for a whole request naming another."""
     emulator.admin("POST", "/reset")
     known = [f"k{i}" for i in range(7)]
     emulator.admin(
@@ -226,46 +256,94 @@ def test_code_105_splits_until_the_refid_not_found_is_alone(engine, make_setting
     emulator.admin(
         "POST", "/config", json={**quiet, "auto_register": False, "not_found_code": True}
     )
-    client = EsmsClient(settings.esms_base_url, 2)
-    limiter = RateLimiter(
-        redis.Redis.from_url(settings.redis_url.get_secret_value()),
-        RatePolicy.from_settings(settings),
-    )
-    cooloffs = CoolOffs(redis.Redis.from_url(settings.redis_url.get_secret_value()))
-    try:
-        with engine.begin() as conn:
-            conn.execute(
-                text("INSERT INTO messages (ref_id, oa_id, next_poll_at) VALUES (:r, 'oa', now())"),
-                [{"r": ref} for ref in [*known[:5], "unknown", *known[5:]]],
-            )
-            (batch,) = store.claim_batches(conn, "default", 1, 200, settings.lease_seconds)
-        queue = [batch]
-        outcomes = []
-        while queue:
-            outcomes.append(
-                poller.poll_batch(
-                    queue.pop(0).id, settings=settings, engine=engine, client=client,
-                    limiter=limiter, cooloffs=cooloffs, enqueue=queue.extend,
-                ).outcome
-            )  # fmt: skip
-    finally:
-        emulator.admin("POST", "/config", json={"auto_register": True, "not_found_code": False})
-        client.close()
-    requests = emulator.admin("GET", "/requests")["requests"]
-    # 8 RefIds: the whole batch, then 4+4, 2+2, 1+1; each 105 answer halves the search.
-    assert [len(entry["refids"]) for entry in requests] == [8, 4, 4, 2, 2, 1, 1]
-    assert [entry["code"] for entry in requests].count(105) == 4
+    yield emulator
+    emulator.admin("POST", "/config", json={"auto_register": True, "not_found_code": False})
+
+
+def test_code_105_search_infers_the_last_half(engine, make_settings, strict_emulator):
+    """One RefId the provider does not know among 8 (sorted last): the first half of each
+    105'd batch is sent, answered, and so the unknown RefId is in the parked half, split in turn
+    without being sent whole; the lone unknown one is inferred, never sent. 4 requests."""
+    settings = make_settings(esms_base_url=strict_emulator.url)
+    known = [f"k{i}" for i in range(7)]
+    outcomes, requests = _search(engine, settings, strict_emulator, [*known, "unknown"])
+    assert [len(entry["refids"]) for entry in requests] == [8, 4, 2, 1]
+    assert [entry["code"] for entry in requests] == [105, 100, 100, 100]
     assert outcomes.count(poller.Outcome.DONE) == 3
     rows = snapshot(engine)
-    truth = emulator.admin("GET", "/truth")["messages"]
+    truth = strict_emulator.admin("GET", "/truth")["messages"]
     assert {ref: rows[ref]["state"] for ref in known} == {
         ref: truth[ref]["final_state"] for ref in known
     }
     lone = rows["unknown"]
-    assert (lone["state"], lone["poll_count"], lone["lease_id"]) == ("pending", 1, None)
-    assert (lone["next_poll_at"] - lone["last_polled_at"]).total_seconds() == pytest.approx(30, 1)
+    assert (lone["state"], lone["not_found_count"], lone["lease_id"]) == ("pending", 1, None)
+    assert lone["last_polled_at"] is None  # inferred, not polled: it gets a real look later
     with engine.begin() as conn:
+        wait = conn.execute(
+            text("SELECT extract(epoch FROM next_poll_at - now()) FROM messages WHERE ref_id = :r"),
+            {"r": "unknown"},
+        ).scalar()
+        assert wait == pytest.approx(30, abs=2)
         assert conn.execute(text("SELECT count(*) FROM poll_batches")).scalar() == 0
+    # From now on it goes alone: the next claim puts it in a batch of its own.
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE messages SET next_poll_at = now() WHERE state = 'pending'"))
+        batches = store.claim_batches(conn, "default", 5, 200, 60)
+    assert [(b.kind, b.ref_ids) for b in batches] == [("lone", ("unknown",))]
+
+
+def test_code_105_search_goes_on_in_the_half_answered_105(engine, make_settings, strict_emulator):
+    """The unknown RefId sorted first: each first half is answered 105 too, the parked halves
+    go back to be polled, the unknown RefId is answered 105 alone and polled alone from then
+    on; the evidence makes the account's new RefIds go in smaller pools."""
+    settings = make_settings(esms_base_url=strict_emulator.url)
+    known = [f"k{i}" for i in range(7)]
+    outcomes, requests = _search(engine, settings, strict_emulator, ["a-unknown", *known])
+    assert [len(entry["refids"]) for entry in requests] == [8, 4, 2, 1]
+    assert [entry["code"] for entry in requests] == [105, 105, 105, 105]
+    assert outcomes == [poller.Outcome.FAILED] * 4
+    rows = snapshot(engine)
+    lone = rows["a-unknown"]
+    assert (lone["not_found_count"], lone["lease_id"]) == (1, None)
+    assert lone["last_polled_at"] is not None
+    assert all(rows[ref]["lease_id"] is None and rows[ref]["poll_count"] == 0 for ref in known)
+    connection = redis.Redis.from_url(settings.redis_url.get_secret_value())
+    assert NotFoundTracker(connection, settings).pool_size("default") < 200
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE messages SET next_poll_at = now() WHERE state = 'pending'"))
+        limits = NotFoundTracker(connection, settings).limits("default")
+        batches = store.claim_batches(conn, "default", 10, 200, 60, limits=limits)
+        pool = limits.new_size
+    assert sorted((b.kind, len(b.ref_ids)) for b in batches) == sorted(
+        [("lone", 1)] + [("new", len(part)) for part in _chunks(known, pool)]
+    )
+
+
+def _chunks(items, size):
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def test_the_claim_keeps_refids_the_provider_may_not_know_within_the_budget(engine):
+    """Pools of new RefIds and lone RefIds answered 105 come in the sizes and numbers the
+    account's limits allow; RefIds the provider answered for before go in full batches."""
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO messages (ref_id, oa_id, next_poll_at, poll_count, not_found_count)"
+                " VALUES (:r, 'oa', now() - make_interval(secs => :age), :polls, :nf)"
+            ),
+            [{"r": f"new{i:02d}", "age": 10 + i, "polls": 0, "nf": 0} for i in range(10)]
+            + [{"r": f"lone{i}", "age": 5 + i, "polls": 0, "nf": 1} for i in range(5)]
+            + [{"r": f"known{i}", "age": 1, "polls": 1, "nf": 0} for i in range(7)],
+        )
+        limits = ClaimLimits(new_size=2, new_limit=3, lone_limit=2)
+        batches = store.claim_batches(conn, "default", 50, 200, 60, limits=limits)
+    kinds = sorted((b.kind, len(b.ref_ids)) for b in batches)
+    assert kinds == [("known", 7), ("lone", 1), ("lone", 1), ("new", 2), ("new", 2), ("new", 2)]
+    # The oldest of each kind first.
+    new = sorted(ref for b in batches if b.kind == "new" for ref in b.ref_ids)
+    assert new == [f"new{i:02d}" for i in range(4, 10)]
+    assert sorted(b.ref_ids[0] for b in batches if b.kind == "lone") == ["lone3", "lone4"]
 
 
 def test_code_105_without_a_queue_releases_the_batch(poll, engine, emulator):

@@ -88,7 +88,8 @@ class EmulatorConfig:
     not_found_code: bool = _knob(
         False,
         "answer Code 105 (SMSID not found) to the whole request when it names a RefId that is "
-        "unknown or has no data yet, instead of leaving that RefId out",
+        "unknown or has no data (yet, or ever: sent without CallbackUrl), instead of leaving "
+        "that RefId out",
     )
     push_rate: float = _knob(0.0, "fraction of messages whose status changes go to --push-url")
     push_timeout_s: float = _knob(5.0, "a push unanswered this long is sent again (5 times)")

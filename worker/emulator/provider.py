@@ -153,8 +153,8 @@ class Provider:
             item = item_at(message, t)
             if item is not None:
                 shown.append((message, item))
-            elif t < message.visible_at:
-                not_found += 1
+            elif t < message.visible_at or message.final_item is None:
+                not_found += 1  # not queryable yet, or never (sent without CallbackUrl)
         entry.refids = read
         entry.n_read = len(read)
         return shown, not_found
