@@ -80,7 +80,15 @@ app.conf.update(
     # Redis redelivers an unacknowledged task after this long; it must exceed the longest task
     # (limiter wait + request timeout + write, well under a minute) so a slow task is not run
     # twice. A lost batch does not wait for this: its Postgres lease expires first.
-    broker_transport_options={"visibility_timeout": 300},
+    # The socket options bound every broker call: a Redis whose network path died with the
+    # connection open would otherwise hold the consumer (and beat's publisher) for good.
+    broker_transport_options={
+        "visibility_timeout": 300,
+        "socket_timeout": 10,
+        "socket_connect_timeout": 5,
+        "socket_keepalive": True,
+        "health_check_interval": 10,
+    },
     # Scheduling ticks get a queue of their own: behind a queue full of polls that wait for
     # their rate slot, a tick would come too late to refill the pipeline before it runs dry.
     task_queues=[Queue("esms.schedule"), Queue("esms")],

@@ -8,7 +8,9 @@ only inside the request body and never reaches a log line, an exception or a rep
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from decimal import Decimal
 
 import httpx
@@ -44,6 +46,7 @@ class EsmsClient:
 
     def __init__(self, base_url: str, timeout_seconds: float, *, max_connections: int = 64) -> None:
         self._url = base_url.rstrip("/") + GET_CALLBACK_PATH
+        self._timeout = timeout_seconds
         limits = httpx.Limits(
             max_connections=max_connections, max_keepalive_connections=max_connections
         )
@@ -70,19 +73,65 @@ class EsmsClient:
         }
         extensions = {"trace": _call_before_headers(before_send)} if before_send else None
         try:
-            response = self._http.post(self._url, json=body, extensions=extensions)
+            with _whole_request_deadline(self._timeout):
+                status_code, content = self._post(body, extensions)
+        except _DeadlinePassed:
+            raise ProviderUnavailable(f"no whole answer within {self._timeout:g}s") from None
         except httpx.TimeoutException as exc:
             raise ProviderUnavailable(f"timeout ({type(exc).__name__})") from None
         except httpx.HTTPError as exc:
             raise ProviderUnavailable(f"transport error ({type(exc).__name__})") from None
         try:
-            return parse_get_callback_response(response.status_code, response.content)
+            return parse_get_callback_response(status_code, content)
         except ProviderError as exc:
             # A provider that echoes the request in an error page must not put our keys into
             # a log line.
             exc.reason = _redact(exc.reason, body["ApiKey"], body["SecretKey"])
             exc.args = (exc.reason,)
             raise
+
+    def _post(self, body: dict, extensions: dict | None) -> tuple[int, bytes]:
+        """The answer's status and body, read as it comes: an answer that trickles in past the
+        deadline is given up between two pieces (httpx's own timeouts bound each read only)."""
+        deadline = time.monotonic() + self._timeout
+        with self._http.stream("POST", self._url, json=body, extensions=extensions) as response:
+            chunks = []
+            for chunk in response.iter_bytes():
+                chunks.append(chunk)
+                if time.monotonic() > deadline:
+                    raise _DeadlinePassed
+            return response.status_code, b"".join(chunks)
+
+
+class _DeadlinePassed(Exception):
+    """The whole-request deadline passed."""
+
+
+@contextmanager
+def _whole_request_deadline(seconds: float) -> Iterator[None]:
+    """Under gevent (the worker), the deadline interrupts whatever the request waits on at that
+    very moment: the connection pool, connecting, sending, or a read. Elsewhere (tests, tools),
+    `_post` checks it between the pieces of the answer, and httpx's per-read timeout bounds the
+    wait for each piece."""
+    if not _gevent_sockets():
+        yield
+        return
+    import gevent
+
+    timeout = gevent.Timeout(seconds, _DeadlinePassed)
+    timeout.start()
+    try:
+        yield
+    finally:
+        timeout.close()
+
+
+def _gevent_sockets() -> bool:
+    try:
+        from gevent import monkey
+    except ImportError:
+        return False
+    return monkey.is_module_patched("socket")
 
 
 def _call_before_headers(before_send: Callable[[], object]) -> Callable[[str, dict], None]:

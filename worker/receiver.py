@@ -62,7 +62,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
-from worker import store
+from worker import schema, store
 from worker.merge import FINAL_STATES, State
 from worker.records import CallbackRecord, parse_callback_item
 from worker.settings import Settings, get_settings
@@ -538,6 +538,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    try:
+        schema.verify(settings)
+    except schema.SchemaMismatch as mismatch:
+        print(f"worker.receiver refuses to start: {mismatch}", file=sys.stderr)
+        return 1
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     # IPPROTO_TCP spelled out: asyncio sets TCP_NODELAY only on sockets that say so, and without
     # it every answer on a kept-alive connection waits 40 ms for the client's delayed ACK.

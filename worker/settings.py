@@ -77,7 +77,15 @@ class Settings(BaseSettings):
     # it never drops below this.
     esms_rate_min_per_second: float = Field(2, gt=0)
     esms_batch_size: int = Field(200, ge=1)
+    # One deadline for a whole GetCallback request: connecting, sending and the whole answer.
     esms_timeout_seconds: float = Field(10, gt=0)
+
+    # Postgres deadlines for every program of the daemon (not for migrations, which have their
+    # own): establishing a connection, one statement, waiting for a row or table lock. A worker
+    # also bounds each task as a whole (Celery time limits, worker.tasks).
+    database_connect_timeout_seconds: int = Field(5, ge=1)
+    database_statement_timeout_seconds: float = Field(30, gt=0)
+    database_lock_timeout_seconds: float = Field(5, gt=0)
 
     poll_interval_seconds: float = Field(30, gt=0)
     poll_max_interval_seconds: float = Field(600, gt=0)

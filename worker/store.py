@@ -40,24 +40,54 @@ def single_statements(engine: Engine) -> Connection:
     return engine.connect().execution_options(isolation_level="AUTOCOMMIT")
 
 
+# TCP keepalives: a connection whose peer went away without a word (a host that died, a
+# failover that moved the address) is found dead in about 25 s instead of the kernel's two
+# hours; tcp_user_timeout does the same for data sent and never acknowledged.
+_KEEPALIVES = {
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 25_000,
+}
+
+
 def make_engine(settings: Settings, *, pool_size: int = 5, for_polling: bool = False) -> Engine:
-    """The engine of a program. `for_polling` is the worker's: its writes are polls and claims,
-    which a lost commit cannot make wrong (a batch whose write is lost keeps its lease and is
-    polled again when the lease ends), so they commit without waiting for the WAL flush
-    (`synchronous_commit=off`); and it does not ping each connection before use: a connection
-    that died with its server fails one statement, the pool drops every connection it holds,
-    and the batch is polled again."""
-    options: dict = {}
+    """The engine of a program, with deadlines on everything that can wait: connecting
+    (DATABASE_CONNECT_TIMEOUT_SECONDS), each statement (DATABASE_STATEMENT_TIMEOUT_SECONDS, on
+    the server), each lock (DATABASE_LOCK_TIMEOUT_SECONDS), a transaction left open (twice the
+    statement timeout), TCP keepalives. A server that stops answering while the connection looks
+    open (a dropped network path) is not caught by the server-side timeouts: the worker's Celery
+    time limits end such a task, and SQLAlchemy then discards the connection (worker.tasks).
+
+    `for_polling` is the worker's: its writes are polls and claims, which a lost commit cannot
+    make wrong (a batch whose write is lost keeps its lease and is polled again when the lease
+    ends), so they commit without waiting for the WAL flush (`synchronous_commit=off`); and it
+    does not ping each connection before use: a connection that died with its server fails one
+    statement, the pool drops every connection it holds, and the batch is polled again."""
+    statement_ms = int(settings.database_statement_timeout_seconds * 1000)
+    server = {
+        "statement_timeout": statement_ms,
+        "lock_timeout": int(settings.database_lock_timeout_seconds * 1000),
+        "idle_in_transaction_session_timeout": 2 * statement_ms,
+    }
     if for_polling:
-        options["connect_args"] = {"options": "-c synchronous_commit=off"}
+        server["synchronous_commit"] = "off"
+    options = " ".join(f"-c {name}={value}" for name, value in server.items())
     return create_engine(
         settings.sqlalchemy_url,
         pool_size=pool_size,
         max_overflow=2,
         pool_pre_ping=not for_polling,
         pool_recycle=1800,
+        # A checkout waits for a free connection at most this long, then fails its task.
+        pool_timeout=settings.database_connect_timeout_seconds * 2,
         hide_parameters=True,
-        **options,
+        connect_args={
+            "connect_timeout": settings.database_connect_timeout_seconds,
+            "options": options,
+            **_KEEPALIVES,
+        },
     )
 
 

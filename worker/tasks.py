@@ -47,7 +47,17 @@ def _warm_up(**_kwargs) -> None:
     schedule.apply_async()
 
 
-@app.task(name="esms.schedule", ignore_result=True)
+# Hard time limits (under the gevent pool a gevent.Timeout raised in the task's greenlet):
+# whatever a task waits on that has no deadline of its own (a Postgres whose network path died
+# with the connection still open answers nothing, and the server-side statement timeout never
+# starts) ends with the task; SQLAlchemy discards a connection interrupted that way instead of
+# returning it to the pool. A poll cannot outlive its lease usefully: its write is refused once
+# the lease is gone. A tick is one short transaction; twice the statement timeout is plenty.
+_POLL_TIME_LIMIT = get_settings().lease_seconds
+_TICK_TIME_LIMIT = 2 * get_settings().database_statement_timeout_seconds
+
+
+@app.task(name="esms.schedule", ignore_result=True, time_limit=_TICK_TIME_LIMIT)
 def schedule() -> dict:
     if not runtime.tick_gate().open():
         # Another tick ran less than half a tick ago: this one waited in the queue (workers
@@ -65,7 +75,7 @@ def schedule() -> dict:
     }
 
 
-@app.task(name="esms.poll_batch", ignore_result=True)
+@app.task(name="esms.poll_batch", ignore_result=True, time_limit=_POLL_TIME_LIMIT)
 def poll_batch(batch_id: str, account: str, oa_id: str, size: int, kind: str = "known") -> dict:
     # account, oa_id, size and kind are for people reading Flower; the batch row is the truth.
     result = poller.poll_batch(

@@ -4,6 +4,7 @@ schema revision they do not know: exit status 1, one line saying why, no traceba
 from __future__ import annotations
 
 import logging
+import sys
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -90,4 +91,16 @@ def test_celery_beat_refuses_a_database_behind_the_code(children, redis_url):
     log = child.log()
     assert f"celery beat refuses to start: the database is at revision {previous}" in log
     assert "run `alembic upgrade head`" in log
+    assert "Traceback" not in log
+
+
+def test_the_receiver_refuses_an_unknown_revision(children, redis_url):
+    with scratch_database("receiver") as url:
+        stamp(url, UNKNOWN)
+        env = child_env(DATABASE_URL=url, REDIS_URL=redis_url, PUSH_TOKEN="t" * 32)
+        argv = [sys.executable, "-m", "worker.receiver", "--port", str(free_port())]
+        child = children.spawn("receiver", argv, env)
+        assert child.proc.wait(60) == 1
+    log = child.log()
+    assert f"worker.receiver refuses to start: the database is at revision {UNKNOWN}" in log
     assert "Traceback" not in log

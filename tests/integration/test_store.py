@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import threading
+import time
 from decimal import Decimal
 from itertools import pairwise
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.exc import OperationalError
 
 from worker import scheduler, store
 from worker.records import CallbackRecord
@@ -479,3 +481,35 @@ def test_every_change_is_in_the_history(engine, make_settings):
         ("poll", batch.id, "pending", "pending", None, 2, None),
         ("push", None, "pending", "failed", 2, 5, -108),
     ]
+
+
+def test_every_program_waits_for_postgres_within_its_deadlines(engine, make_settings):
+    """The engines of the daemon carry the statement and lock timeouts and TCP keepalives: a
+    write that meets an exclusive lock gives up after DATABASE_LOCK_TIMEOUT_SECONDS."""
+    settings = make_settings(database_lock_timeout_seconds=1, database_statement_timeout_seconds=3)
+    polling = store.make_engine(settings, pool_size=1, for_polling=True)
+    try:
+        with polling.connect() as conn:
+            shown = {
+                name: conn.execute(text(f"SHOW {name}")).scalar()
+                for name in ("statement_timeout", "lock_timeout", "synchronous_commit")
+            }
+            assert shown == {
+                "statement_timeout": "3s",
+                "lock_timeout": "1s",
+                "synchronous_commit": "off",
+            }
+            params = conn.connection.dbapi_connection.info.get_parameters()
+            assert (params["keepalives_idle"], params["tcp_user_timeout"]) == ("10", "25000")
+        insert(engine, [{"ref_id": "locked", "oa_id": "oa"}])
+        with engine.begin() as holder:
+            holder.execute(text("LOCK TABLE messages IN ACCESS EXCLUSIVE MODE"))
+            started = time.monotonic()
+            with pytest.raises(OperationalError, match="lock timeout"):
+                with polling.begin() as conn:
+                    store.claim_batches(conn, "default", 1, 200, 60)
+            assert time.monotonic() - started < 2.5
+        with polling.begin() as conn:  # and the pool recovers at once
+            assert len(store.claim_batches(conn, "default", 1, 200, 60)) == 1
+    finally:
+        polling.dispose()
