@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from celery.signals import worker_ready
 
-from worker import metrics, poller, runtime, scheduler
+from worker import fleet, metrics, poller, runtime, scheduler
 from worker.celery import app
 from worker.settings import get_settings
 from worker.store import Batch
@@ -64,6 +64,7 @@ def schedule() -> dict:
         # away, or a second beat) and would only repeat it.
         metrics.TICKS.labels("stale").inc()
         return {"skipped": True}
+    fleet.check(runtime.redis_client(), get_settings().accounts)
     report = scheduler.schedule_tick(
         runtime.engine(), get_settings(), _enqueue, runtime.cooloffs(), runtime.notfound()
     )
