@@ -66,7 +66,7 @@ def failure_kind(entry: dict) -> str | None:
 def reason_kind(reason: str) -> str:
     if reason.startswith("HTTP 5"):
         return "5xx"
-    if reason.startswith("timeout"):
+    if reason.startswith(("timeout", "no whole answer within")):  # read timeout, or the deadline
         return "timeout"
     if "not JSON" in reason:
         return "not JSON"
