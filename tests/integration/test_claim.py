@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from sqlalchemy import text
 
 from worker import store
+from worker.notfound import ClaimLimits
 
 pytestmark = pytest.mark.integration
 
@@ -173,3 +174,76 @@ def test_lease_moves_the_rows_next_poll(engine):
         ).scalar()
     assert timedelta(seconds=59) < gap <= timedelta(seconds=60)
     assert batch.account == "default"
+
+
+def reference_with_kinds(
+    rows: list[tuple[str, str]], batch_size: int, wanted: int, limits: ClaimLimits
+) -> list[tuple[str, str, list[str]]]:
+    """The reference grouping with the kinds of worker.notfound: (OA, kind) per row, oldest
+    first; a kind's batch size (`new` only when its size is smaller, else it counts as known);
+    at most `new_limit` new and `lone_limit` lone batches, the oldest of each kind first."""
+    considered = 2 * wanted * batch_size
+    named = [(f"r{index:04d}", oa, kind) for index, (oa, kind) in enumerate(rows)][:considered]
+    truncated = len(named) == considered
+    separate_new = limits.new_size < batch_size
+    size_of = {"known": batch_size, "new": limits.new_size, "lone": 1}
+    chunks: dict[tuple[str, str, int], list[str]] = {}
+    seen: dict[tuple[str, str], int] = {}
+    for ref_id, oa, kind in named:
+        if kind == "new" and not separate_new:
+            kind = "known"
+        count = seen.get((oa, kind), 0)
+        seen[(oa, kind)] = count + 1
+        chunks.setdefault((oa, kind, count // size_of[kind]), []).append(ref_id)
+    limit_of = {"known": len(chunks), "new": limits.new_limit, "lone": limits.lone_limit}
+    allowed = []
+    for kind in ("known", "new", "lone"):
+        of_kind = sorted((min(refs), key) for key, refs in chunks.items() if key[1] == kind)
+        allowed += [key for _, key in of_kind[: limit_of[kind]]]
+    ordered = sorted(
+        allowed,
+        key=lambda key: (truncated and len(chunks[key]) < size_of[key[1]], min(chunks[key])),
+    )
+    return [(oa, kind, sorted(chunks[(oa, kind, chunk)])) for oa, kind, chunk in ordered[:wanted]]
+
+
+@hsettings(
+    max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    rows=st.lists(
+        st.tuples(st.sampled_from("AB"), st.sampled_from(["known", "new", "lone"])), max_size=50
+    ),
+    batch_size=st.integers(min_value=2, max_value=7),
+    wanted=st.integers(min_value=1, max_value=8),
+    new_size=st.integers(min_value=1, max_value=7),
+    new_limit=st.integers(min_value=1, max_value=4),
+    lone_limit=st.integers(min_value=1, max_value=4),
+)
+def test_claim_keeps_kinds_apart_like_the_reference(
+    engine, rows, batch_size, wanted, new_size, new_limit, lone_limit
+):
+    with engine.begin() as conn:
+        conn.execute(text("TRUNCATE messages, poll_batches"))
+        if rows:
+            conn.execute(
+                text(
+                    "INSERT INTO messages (ref_id, oa_id, next_poll_at, poll_count,"
+                    " not_found_count) VALUES (:ref_id, :oa_id,"
+                    " now() - make_interval(secs => :ago), :polls, :nf)"
+                ),
+                [
+                    {
+                        "ref_id": f"r{index:04d}",
+                        "oa_id": oa,
+                        "ago": 60 - index * 0.001,
+                        "polls": 1 if kind == "known" else 0,
+                        "nf": 1 if kind == "lone" else 0,
+                    }
+                    for index, (oa, kind) in enumerate(rows)
+                ],
+            )
+    limits = ClaimLimits(min(new_size, batch_size), new_limit, lone_limit)
+    batches = claim(engine, wanted, batch_size, limits=limits)
+    got = [(batch.oa_id, batch.kind, sorted(batch.ref_ids)) for batch in batches]
+    assert got == reference_with_kinds(rows, batch_size, wanted, limits)
