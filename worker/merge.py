@@ -71,13 +71,18 @@ def record_rank(record: CallbackRecord) -> int:
 
 def most_advanced(records: Iterable[CallbackRecord]) -> list[CallbackRecord]:
     """One record per SMSID: the highest rank, and the later of equal ranks; first-seen order."""
-    chosen: dict[str, tuple[tuple[int, bool], CallbackRecord]] = {}
+    chosen: dict[str, CallbackRecord] = {}
     for record in records:
-        key = (record_rank(record), derive_state(record) is not State.PENDING)
         current = chosen.get(record.ref_id)
-        if current is None or key >= current[0]:
-            chosen[record.ref_id] = (key, record)
-    return [record for _, record in chosen.values()]
+        # Ranked only against a twin: most answers hold one item per SMSID.
+        if current is None or _advance(record) >= _advance(current):
+            chosen[record.ref_id] = record
+    return list(chosen.values())
+
+
+def _advance(record: CallbackRecord) -> tuple[int, bool]:
+    """How far along a report is: its rank, then whether it says how the message ended."""
+    return record_rank(record), derive_state(record) is not State.PENDING
 
 
 def sql_status_rank(column: str) -> str:

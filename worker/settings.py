@@ -97,8 +97,9 @@ class Settings(BaseSettings):
     poll_batch_fill_seconds: float = Field(0, ge=0)
     # RefIds the provider answers Code 105 for (worker.notfound): one answered 105 alone is polled
     # alone from then on, 4 times longer after each 105 from POLL_INTERVAL_SECONDS up to this
-    # (6 h: a RefId sent without CallbackUrl costs 18 requests over the default 3-day maximum
-    # age, not the 430 of a pending message polled every POLL_MAX_INTERVAL_SECONDS).
+    # (6 h: by the arithmetic of this backoff a RefId sent without CallbackUrl costs 18 requests
+    # over the default 3-day maximum age, not the 430 of a pending message polled every
+    # POLL_MAX_INTERVAL_SECONDS).
     not_found_max_interval_seconds: float = Field(21600, gt=0)
     # At most this share of each account's requests per tick searches batches answered Code 105
     # or polls lone RefIds answered 105, so RefIds the provider knows keep the rest of the rate.

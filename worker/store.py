@@ -41,8 +41,10 @@ def single_statements(engine: Engine) -> Connection:
 
 
 # TCP keepalives: a connection whose peer went away without a word (a host that died, a
-# failover that moved the address) is found dead in about 25 s instead of the kernel's two
-# hours; tcp_user_timeout does the same for data sent and never acknowledged.
+# failover that moved the address) is given up after 10 s idle + 3 probes 5 s apart instead of
+# the kernel's two hours; tcp_user_timeout (25 s) does the same for data sent and never
+# acknowledged. (Configured, not measured here: the blackhole tests' proxy acknowledges
+# everything, docs/reliability.md.)
 _KEEPALIVES = {
     "keepalives": 1,
     "keepalives_idle": 10,
@@ -445,16 +447,20 @@ _LOAD_BATCH = text(
     """
 )
 
-# One statement, so that it is atomic without a transaction around it.
-_RELEASE_BATCH = text(
-    """
-    WITH locked AS (
-        SELECT ref_id FROM messages
+# The pending rows a batch (:id, its RefIds :ref_ids as a JSON array) still holds, locked in
+# key order as every writer of several rows here locks them, so two writers cannot deadlock.
+_LOCK_LEASED_ROWS = """
+        SELECT ref_id, not_found_count FROM messages
         WHERE ref_id IN (SELECT jsonb_array_elements_text(CAST(:ref_ids AS jsonb)))
           AND lease_id = :id AND state = 'pending'
         ORDER BY ref_id
         FOR UPDATE
-    ), released AS (
+    """
+
+# One statement, so that it is atomic without a transaction around it.
+_RELEASE_BATCH = text(
+    f"""
+    WITH locked AS ({_LOCK_LEASED_ROWS}), released AS (
         UPDATE messages AS m
         SET lease_id = NULL, next_poll_at = now() + make_interval(secs => :delay)
         FROM locked AS l
@@ -548,13 +554,7 @@ def parked_batch(conn: Connection, sibling_id: uuid.UUID) -> Batch | None:
 
 _MARK_NOT_FOUND = text(
     f"""
-    WITH locked AS (
-        SELECT ref_id, not_found_count FROM messages
-        WHERE ref_id IN (SELECT jsonb_array_elements_text(CAST(:ref_ids AS jsonb)))
-          AND lease_id = :id AND state = 'pending'
-        ORDER BY ref_id
-        FOR UPDATE
-    ), marked AS (
+    WITH locked AS ({_LOCK_LEASED_ROWS}), marked AS (
         UPDATE messages AS m
         SET not_found_count = m.not_found_count + 1, lease_id = NULL,
             last_polled_at = CASE WHEN :polled THEN now() ELSE m.last_polled_at END,
