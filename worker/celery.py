@@ -29,6 +29,7 @@ from kombu.transport import redis as kombu_redis
 
 from worker import logging_setup, metrics, schema
 from worker.settings import get_settings
+from worker.upkeep import UPKEEP_SECONDS
 
 settings = get_settings()
 log = logging.getLogger(__name__)
@@ -93,7 +94,10 @@ app.conf.update(
     # their rate slot, a tick would come too late to refill the pipeline before it runs dry.
     task_queues=[Queue("esms.schedule"), Queue("esms")],
     task_default_queue="esms",
-    task_routes={"esms.schedule": {"queue": "esms.schedule"}},
+    task_routes={
+        "esms.schedule": {"queue": "esms.schedule"},
+        "esms.upkeep": {"queue": "esms.schedule"},
+    },
     task_serializer="json",
     accept_content=["json"],
     # Results live in Postgres; nothing reads Celery results.
@@ -125,6 +129,10 @@ app.conf.update(
             # No `expires`: Celery makes it an absolute time on beat's clock, and a worker whose
             # clock runs ahead would discard every tick. Old ticks are skipped by the tick gate
             # on Redis's clock instead (worker.clocks).
+        },
+        "upkeep": {
+            "task": "esms.upkeep",
+            "schedule": timedelta(seconds=UPKEEP_SECONDS),
         },
     },
 )

@@ -1,5 +1,5 @@
-"""The operator's command line, `esms-poller`: track, status, show, repoll, check-accounts, and the
-emulator and demo under one name.
+"""The operator's command line, `esms-poller`: track, status, show, repoll, recount, check-accounts,
+and the emulator and demo under one name.
 
 Every command reads `Settings()` (environment and `.env`) like the daemon does, and every SQL
 statement it runs is in `worker.store`. What an operator can fix — unreadable settings, a
@@ -539,6 +539,21 @@ def repoll(
         )
     if result.in_flight:
         typer.echo(f"{result.in_flight} selected messages are being polled right now: left alone")
+
+
+# --- recount ----------------------------------------------------------------------------------
+
+
+@app.command()
+def recount(ctx: typer.Context) -> None:
+    """Count the final messages afresh for the views and `status` (docs/scale.md).
+
+    Needed once after upgrading to migration 0008 while older workers kept running, or after
+    final rows were changed by hand. One pass over `messages`; the poller keeps running.
+    """
+    started = time.monotonic()
+    store.recount(_engine(ctx))
+    typer.echo(f"recounted the final messages in {time.monotonic() - started:.1f} s")
 
 
 # --- check-accounts ---------------------------------------------------------------------------

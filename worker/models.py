@@ -84,6 +84,74 @@ messages = Table(
     ),
     # Expiry sweep and "oldest pending" age.
     Index("messages_pending_created_idx", "created_at", postgresql_where=PENDING),
+    # Final rows only (migration 0008), so the poll path's updates of pending rows never touch
+    # them: rows resolved lately (`status`, the cookbook, message retention) ...
+    Index(
+        "messages_resolved_at_idx",
+        "resolved_at",
+        postgresql_where=text("resolved_at IS NOT NULL"),
+    ),
+    # ... and the newest failure per account and error code (the view failures_by_error).
+    Index(
+        "messages_failures_idx",
+        "account",
+        text("COALESCE(error_code, -2147483648)"),
+        "resolved_at",
+        postgresql_where=text("state IN ('failed', 'rejected') AND resolved_at IS NOT NULL"),
+    ),
+)
+
+
+def _count_columns(*, hour: bool, error_code: bool) -> list[Column]:
+    """The key and sums of a count table (migration 0008)."""
+    columns = [Column("hour", DateTime(timezone=True), nullable=error_code)] if hour else []
+    columns += [Column("account", Text, nullable=False), Column("oa_id", Text, nullable=False)]
+    if hour:
+        columns.append(Column("zns_temp_id", Text))
+    columns.append(Column("state", Text, nullable=False))
+    if error_code:
+        columns.append(Column("error_code", Integer))
+    return columns + [
+        Column("messages", BigInteger, nullable=False),
+        Column("total_price", Numeric, nullable=False),
+    ]
+
+
+# Counts of final rows, so the operator's views need not count `messages` (worker.store, "counts
+# of final rows"). Append-only: the statement that makes a row final, revives or deletes it adds
+# +n/-n per (UTC hour of resolved_at, account, OA, template, state, error code) it touched.
+message_count_deltas = Table(
+    "message_count_deltas", metadata, *_count_columns(hour=True, error_code=True)
+)
+# The deltas folded in by beat (store.fold_counts, their only writer).
+message_totals = Table(
+    "message_totals",
+    metadata,
+    *_count_columns(hour=False, error_code=True),
+    Index(
+        "message_totals_key",
+        "account",
+        "oa_id",
+        "state",
+        "error_code",
+        unique=True,
+        postgresql_nulls_not_distinct=True,
+    ),
+)
+resolved_hourly_counts = Table(
+    "resolved_hourly_counts",
+    metadata,
+    *_count_columns(hour=True, error_code=False),
+    Index(
+        "resolved_hourly_counts_key",
+        "hour",
+        "account",
+        "oa_id",
+        "zns_temp_id",
+        "state",
+        unique=True,
+        postgresql_nulls_not_distinct=True,
+    ),
 )
 
 # Append-only: one row per change of a message's data, written in the statement that changes it.

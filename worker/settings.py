@@ -115,6 +115,13 @@ class Settings(BaseSettings):
     # A claimed batch belongs to its task for this long; a worker that dies loses it only this long.
     lease_seconds: float = Field(60, gt=0)
 
+    # Retention, pruned by beat's upkeep task in small batches (worker.upkeep, docs/scale.md):
+    # `message_history` rows older than this many days; final messages resolved more than
+    # MESSAGE_RETENTION_DAYS ago only when it is set (off by default: the sending system owns
+    # its rows).
+    history_retention_days: int = Field(30, ge=1)
+    message_retention_days: int | None = Field(None, ge=1)
+
     # Tasks one `celery worker` runs at once (gevent greenlets); unset, see `pool_size`.
     worker_concurrency: int | None = Field(None, ge=1)
 

@@ -105,6 +105,50 @@ class Batch:
     kind: str = "known"
 
 
+# --- counts of final rows (migration 0008) ----------------------------------------------------
+
+# The operator's views and `status` do not count final rows: every statement here that makes a
+# row final (merge, expiry), revives an expired one (repoll) or deletes one (retention) also
+# inserts what it changed into `message_count_deltas`, +n or -n per (UTC hour of resolved_at,
+# account, OA, template, state, error code), in the same transaction. Inserts only, so no two
+# writers wait for one another; `fold_counts` (beat) adds the deltas to `message_totals` and
+# `resolved_hourly_counts`, and the views read both plus the deltas not yet folded.
+
+
+def _count_deltas(rows: str) -> str:
+    """The INSERT of the deltas of `rows`, a query with the columns account, oa_id, zns_temp_id,
+    state, error_code, resolved_at, total_price and n (+1 for a row counted, -1 for one no longer
+    counted as it was)."""
+    return f"""
+        INSERT INTO message_count_deltas (hour, account, oa_id, zns_temp_id, state, error_code,
+                                          messages, total_price)
+        SELECT date_trunc('hour', resolved_at, 'UTC'), account, oa_id, zns_temp_id, state,
+               error_code, sum(n), COALESCE(sum(n * total_price), 0)
+        FROM ({rows}) AS d
+        GROUP BY 1, 2, 3, 4, 5, 6"""
+
+
+# In the merge (`changed`): a row made final counts in its new key; an expired row that took a
+# final report leaves its old one.
+_COUNT_MERGED = _count_deltas(
+    """
+            SELECT account, oa_id, zns_temp_id, new_state AS state, error_code, resolved_at,
+                   total_price, 1 AS n
+            FROM changed WHERE apply AND new_state <> 'pending'
+            UNION ALL
+            SELECT account, oa_id, old_zns_temp_id, old_state, old_error_code, old_resolved_at,
+                   old_total_price, -1
+            FROM changed WHERE apply AND old_state <> 'pending'"""
+)
+# In `repoll` (`changed`): an expired row back to pending leaves the counts of final rows.
+_COUNT_REVIVED = _count_deltas(
+    """
+            SELECT account, oa_id, zns_temp_id, old_state AS state, error_code, resolved_at,
+                   total_price, -1 AS n
+            FROM changed WHERE old_state = 'expired'"""
+)
+
+
 # --- scheduling -------------------------------------------------------------------------------
 
 _SCHEDULER_LOCK = 0x65736D73  # "esms": one scheduler tick at a time, however many beats run.
@@ -128,7 +172,7 @@ _INITIALIZE_NEW = text(
 # holds (a lease not yet run out) is left to that request. Rows no request can carry (no OAId,
 # an account not configured) expire at the age alone.
 _EXPIRE_OLD = text(
-    """
+    f"""
     WITH expired AS (
         UPDATE messages
         SET state = 'expired', resolved_at = now(), updated_at = now(), next_poll_at = NULL,
@@ -142,7 +186,14 @@ _EXPIRE_OLD = text(
                                      + make_interval(secs => :max_age)
                    OR oa_id = '' OR NOT (account = ANY(:accounts)))
             LIMIT :limit FOR UPDATE SKIP LOCKED)
-        RETURNING ref_id, send_status)
+        RETURNING ref_id, send_status, account, oa_id, zns_temp_id, error_code, total_price,
+                  resolved_at
+    ), counted AS ({
+        _count_deltas(
+            "SELECT account, oa_id, zns_temp_id, 'expired' AS state, error_code, resolved_at, "
+            "total_price, 1 AS n FROM expired"
+        )
+    })
     INSERT INTO message_history (ref_id, source, old_state, new_state, old_send_status,
                                  new_send_status)
     SELECT ref_id, 'expiry', 'pending', 'expired', send_status, send_status FROM expired
@@ -663,6 +714,8 @@ _APPLY_REPORTS = text(
         SELECT v.ref_id, COALESCE(o.lease_id = CAST(:lease AS uuid), false) AS mine,
                o.poll_count = 0 AND o.send_status IS NULL AS never_answered,
                o.state AS old_state, o.send_status AS old_send_status,
+               o.zns_temp_id AS old_zns_temp_id, o.error_code AS old_error_code,
+               o.total_price AS old_total_price, o.resolved_at AS old_resolved_at,
                (v.rank IS NOT NULL AND v.rank >= {sql_status_rank("o.send_status")}
                 AND (o.state = 'pending' OR v.state IN ({_FINAL_LIST}))
                 AND ({_OLD_DATA}) IS DISTINCT FROM ({_KEPT_DATA})) AS apply,
@@ -694,7 +747,10 @@ _APPLY_REPORTS = text(
         FROM x
         WHERE m.ref_id = x.ref_id AND (x.mine OR x.apply)
         RETURNING x.ref_id, x.apply, x.mine, x.never_answered, x.old_state, m.state AS new_state,
-                  x.old_send_status, m.send_status AS new_send_status, m.error_code
+                  x.old_send_status, m.send_status AS new_send_status, m.error_code,
+                  m.account, m.oa_id, m.zns_temp_id, m.total_price, m.resolved_at,
+                  x.old_zns_temp_id, x.old_error_code, x.old_total_price, x.old_resolved_at
+    ), counted AS ({_COUNT_MERGED}
     ), history AS (
         INSERT INTO message_history (ref_id, source, batch_id, old_state, new_state,
                                      old_send_status, new_send_status, error_code)
@@ -847,20 +903,36 @@ class OaStatus:
     resolved_recently: int
 
 
+# Pending rows counted live on their partial index; final ones from the count tables (see
+# "counts of final rows"); those resolved in the window on messages_resolved_at_idx.
 _STATUS = text(
     """
     SELECT account, oa_id,
-           count(*) FILTER (WHERE state = 'pending'),
-           count(*) FILTER (WHERE state = 'pending' AND next_poll_at < now()),
-           count(*) FILTER (WHERE state = 'pending' AND lease_id IS NOT NULL),
-           now() - min(created_at) FILTER (WHERE state = 'pending'),
-           count(*) FILTER (WHERE state = 'sent'),
-           count(*) FILTER (WHERE state = 'failed'),
-           count(*) FILTER (WHERE state = 'rejected'),
-           count(*) FILTER (WHERE state = 'expired'),
-           count(*) FILTER (WHERE resolved_at >= now() - make_interval(secs => :window))
-    FROM messages
+           CAST(sum(pending) AS bigint), CAST(sum(overdue) AS bigint),
+           CAST(sum(in_flight) AS bigint), max(oldest_age),
+           CAST(COALESCE(sum(messages) FILTER (WHERE state = 'sent'), 0) AS bigint),
+           CAST(COALESCE(sum(messages) FILTER (WHERE state = 'failed'), 0) AS bigint),
+           CAST(COALESCE(sum(messages) FILTER (WHERE state = 'rejected'), 0) AS bigint),
+           CAST(COALESCE(sum(messages) FILTER (WHERE state = 'expired'), 0) AS bigint),
+           CAST(sum(recent) AS bigint)
+    FROM (
+        SELECT account, oa_id, NULL AS state, 0 AS messages, count(*) AS pending,
+               count(*) FILTER (WHERE next_poll_at < now()) AS overdue,
+               count(*) FILTER (WHERE lease_id IS NOT NULL) AS in_flight,
+               now() - min(created_at) AS oldest_age, 0 AS recent
+        FROM messages WHERE state = 'pending'
+        GROUP BY account, oa_id
+        UNION ALL
+        SELECT account, oa_id, state, messages, 0, 0, 0, NULL, 0 FROM message_totals
+        UNION ALL
+        SELECT account, oa_id, state, messages, 0, 0, 0, NULL, 0 FROM message_count_deltas
+        UNION ALL
+        SELECT account, oa_id, NULL, 0, 0, 0, 0, NULL, count(*)
+        FROM messages WHERE resolved_at >= now() - make_interval(secs => :window)
+        GROUP BY account, oa_id
+    ) AS c
     GROUP BY account, oa_id
+    HAVING sum(pending) + sum(messages) + sum(recent) > 0
     ORDER BY account, oa_id
     """
 )
@@ -955,7 +1027,9 @@ def repoll(
                 repolled_at = CASE WHEN m.state = 'expired' THEN now() ELSE m.repolled_at END
             FROM messages AS old
             WHERE old.ref_id = m.ref_id AND {states} AND m.lease_id IS NULL {where}
-            RETURNING m.ref_id, old.state AS old_state, m.send_status
+            RETURNING m.ref_id, old.state AS old_state, m.send_status, old.account, old.oa_id,
+                      old.zns_temp_id, old.error_code, old.total_price, old.resolved_at
+        ), counted AS ({_COUNT_REVIVED}
         ), revived AS (
             INSERT INTO message_history (ref_id, source, old_state, new_state, old_send_status,
                                          new_send_status)
@@ -1003,3 +1077,148 @@ def pending_backlog(conn: Connection, accounts: Sequence[str]) -> dict[str, tupl
     pending rows (about 0.15 s at a million of them), so callers run it every few seconds."""
     rows = conn.execute(_PENDING_BACKLOG, {"accounts": list(accounts)})
     return {account: (count, age) for account, count, age in rows}
+
+
+# --- beat's upkeep: counts and retention (worker.upkeep) ---------------------------------------
+
+_UPKEEP_LOCK = 0x65736D75  # one fold or recount at a time, however many workers run upkeep.
+
+_UPKEEP_RUN_LOCK = 0x65736D76  # one upkeep run at a time (worker.upkeep), a session lock.
+
+_TRY_UPKEEP_LOCK = text("SELECT pg_try_advisory_xact_lock(:key)")
+_TRY_RUN_LOCK = text("SELECT pg_try_advisory_lock(:key)")
+_RUN_UNLOCK = text("SELECT pg_advisory_unlock(:key)")
+_UPKEEP_LOCK_WAIT = text("SELECT pg_advisory_xact_lock(:key)")
+
+# The deltas committed so far into the two count tables, in one statement: a delta committed
+# while it runs is not seen by its DELETE and waits for the next fold. Keys in sorted order.
+_FOLD_COUNTS = text(
+    """
+    WITH folded AS (
+        DELETE FROM message_count_deltas
+        RETURNING hour, account, oa_id, zns_temp_id, state, error_code, messages, total_price
+    ), hourly AS (
+        INSERT INTO resolved_hourly_counts AS r (hour, account, oa_id, zns_temp_id, state,
+                                                 messages, total_price)
+        SELECT hour, account, oa_id, zns_temp_id, state, sum(messages), sum(total_price)
+        FROM folded WHERE hour IS NOT NULL
+        GROUP BY 1, 2, 3, 4, 5
+        ORDER BY 1, 2, 3, 4, 5
+        ON CONFLICT (hour, account, oa_id, zns_temp_id, state) DO UPDATE
+        SET messages = r.messages + excluded.messages,
+            total_price = r.total_price + excluded.total_price
+    ), totals AS (
+        INSERT INTO message_totals AS t (account, oa_id, state, error_code, messages,
+                                         total_price)
+        SELECT account, oa_id, state, error_code, sum(messages), sum(total_price)
+        FROM folded
+        GROUP BY 1, 2, 3, 4
+        ORDER BY 1, 2, 3, 4
+        ON CONFLICT (account, oa_id, state, error_code) DO UPDATE
+        SET messages = t.messages + excluded.messages,
+            total_price = t.total_price + excluded.total_price
+    )
+    SELECT count(*) FROM folded
+    """
+)
+
+
+def try_upkeep_lock(conn: Connection) -> bool:
+    """Take the session lock of an upkeep run (`conn` autocommit), or learn another run has it."""
+    return bool(conn.execute(_TRY_RUN_LOCK, {"key": _UPKEEP_RUN_LOCK}).scalar())
+
+
+def upkeep_unlock(conn: Connection) -> None:
+    conn.execute(_RUN_UNLOCK, {"key": _UPKEEP_RUN_LOCK})
+
+
+def fold_counts(conn: Connection) -> int | None:
+    """Add the deltas written so far to the count tables; how many delta rows that took, or None
+    if another fold holds the lock."""
+    if not conn.execute(_TRY_UPKEEP_LOCK, {"key": _UPKEEP_LOCK}).scalar():
+        return None
+    return conn.execute(_FOLD_COUNTS).scalar_one()
+
+
+_RECOUNT = [
+    text("DELETE FROM message_count_deltas"),
+    text("DELETE FROM message_totals"),
+    text("DELETE FROM resolved_hourly_counts"),
+    text(
+        """
+        WITH fine AS MATERIALIZED (
+            SELECT date_trunc('hour', resolved_at, 'UTC') AS hour, account, oa_id, zns_temp_id,
+                   state, error_code, count(*) AS messages,
+                   COALESCE(sum(total_price), 0) AS total_price
+            FROM messages WHERE state <> 'pending'
+            GROUP BY 1, 2, 3, 4, 5, 6
+        ), hourly AS (
+            INSERT INTO resolved_hourly_counts (hour, account, oa_id, zns_temp_id, state,
+                                                messages, total_price)
+            SELECT hour, account, oa_id, zns_temp_id, state, sum(messages), sum(total_price)
+            FROM fine WHERE hour IS NOT NULL
+            GROUP BY 1, 2, 3, 4, 5
+        )
+        INSERT INTO message_totals (account, oa_id, state, error_code, messages, total_price)
+        SELECT account, oa_id, state, error_code, sum(messages), sum(total_price)
+        FROM fine
+        GROUP BY 1, 2, 3, 4
+        """
+    ),
+]
+
+
+def recount(engine: Engine) -> None:
+    """Count the final rows afresh (after rows were changed by hand, or made final by a worker
+    older than migration 0008). One REPEATABLE READ transaction: the deltas it drops and the
+    rows it counts are of one snapshot, so a write committed meanwhile keeps its delta."""
+    with engine.connect().execution_options(isolation_level="REPEATABLE READ") as conn:
+        with conn.begin():
+            conn.execute(_UPKEEP_LOCK_WAIT, {"key": _UPKEEP_LOCK})
+            for statement in _RECOUNT:
+                conn.execute(statement)
+
+
+# Oldest first, on message_history_at_idx.
+_PRUNE_HISTORY = text(
+    """
+    DELETE FROM message_history WHERE id IN (
+        SELECT id FROM message_history
+        WHERE at < now() - make_interval(days => :days)
+        ORDER BY at LIMIT :limit)
+    """
+)
+
+
+def prune_history(conn: Connection, days: int, limit: int) -> int:
+    """Delete up to `limit` of the oldest `message_history` rows older than `days`."""
+    return conn.execute(_PRUNE_HISTORY, {"days": days, "limit": limit}).rowcount
+
+
+# Final rows resolved before the cut, oldest first on messages_resolved_at_idx, leaving the
+# counts of final rows with them. A row some statement holds is left for the next batch.
+_PRUNE_MESSAGES = text(
+    f"""
+    WITH gone AS (
+        DELETE FROM messages WHERE ref_id IN (
+            SELECT ref_id FROM messages
+            WHERE resolved_at < now() - make_interval(days => :days)
+            ORDER BY resolved_at LIMIT :limit
+            FOR UPDATE SKIP LOCKED)
+          AND state <> 'pending'
+        RETURNING account, oa_id, zns_temp_id, state, error_code, resolved_at, total_price
+    ), counted AS ({
+        _count_deltas(
+            "SELECT account, oa_id, zns_temp_id, state, error_code, resolved_at, total_price, "
+            "-1 AS n FROM gone"
+        )
+    })
+    SELECT count(*) FROM gone
+    """
+)
+
+
+def prune_messages(conn: Connection, days: int, limit: int) -> int:
+    """Delete up to `limit` of the oldest final messages resolved more than `days` ago (their
+    history goes with HISTORY_RETENTION_DAYS)."""
+    return conn.execute(_PRUNE_MESSAGES, {"days": days, "limit": limit}).scalar_one()

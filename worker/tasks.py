@@ -1,8 +1,9 @@
 """Celery tasks: thin wrappers that hand plain functions their per-process resources.
 
 `esms.schedule` (run by beat every tick) claims and queues due batches; `esms.poll_batch` polls one
-batch. Task arguments name the batch, account, OAId and size — never credentials — so Flower and
-the broker show what is being polled and nothing secret.
+batch; `esms.upkeep` (beat, every few seconds) folds the count deltas and prunes old rows
+(worker.upkeep). Task arguments name the batch, account, OAId and size — never credentials — so
+Flower and the broker show what is being polled and nothing secret.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Sequence
 
 from celery.signals import worker_ready
 
-from worker import fleet, metrics, poller, runtime, scheduler
+from worker import fleet, metrics, poller, runtime, scheduler, upkeep
 from worker.celery import app
 from worker.settings import get_settings
 from worker.store import Batch
@@ -90,3 +91,14 @@ def poll_batch(batch_id: str, account: str, oa_id: str, size: int, kind: str = "
         enqueue=_enqueue,
     )
     return {"outcome": result.outcome.value, "size": result.size, "changed": result.changed}
+
+
+@app.task(name="esms.upkeep", ignore_result=True, time_limit=_TICK_TIME_LIMIT)
+def upkeep_task() -> dict:
+    report = upkeep.run(runtime.engine(), get_settings())
+    return {
+        "skipped": report.skipped,
+        "folded": report.folded,
+        "history_pruned": report.history_pruned,
+        "messages_pruned": report.messages_pruned,
+    }
