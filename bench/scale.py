@@ -20,8 +20,10 @@ it while a writer updates pending rows every 50 ms and records its slowest write
 from __future__ import annotations
 
 import argparse
+import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -185,15 +187,213 @@ def build(final_rows: int, pending: int) -> None:
     print(f"{TEMPLATE}: {size}, built in {time.perf_counter() - started:.0f} s")
 
 
+# --- measuring ---------------------------------------------------------------------------------
+
+
+def _settings(name: str, **extra: object):
+    from worker.settings import Settings
+
+    return Settings(
+        database_url=_url(name), esms_api_key="bench-key", esms_secret_key="bench-secret", **extra
+    )
+
+
+class Writer(threading.Thread):
+    """Updates one pending row every 50 ms, as the poller would, and keeps the slowest write."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(daemon=True)
+        self.conn = psycopg.connect(f"{PG_SERVER}/{name}", autocommit=True)
+        self.ref_ids = [
+            ref for (ref,) in self.conn.execute(
+                "SELECT ref_id FROM messages WHERE state = 'pending' LIMIT 1000"
+            )
+        ]  # fmt: skip
+        self.stop = threading.Event()
+        self.slowest = 0.0
+        self.writes = 0
+
+    def run(self) -> None:
+        while not self.stop.wait(0.05):
+            started = time.perf_counter()
+            self.conn.execute(
+                "UPDATE messages SET updated_at = now() WHERE ref_id = %s",
+                (self.ref_ids[self.writes % len(self.ref_ids)],),
+            )
+            self.slowest = max(self.slowest, time.perf_counter() - started)
+            self.writes += 1
+
+
+def _timed(runs: int, work) -> list[float]:
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        work()
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def _say(label: str, times: list[float]) -> None:
+    shown = ", ".join(f"{t * 1000:.0f}" for t in times)
+    print(
+        f"{label}: median {statistics.median(times) * 1000:.0f} ms  (runs: {shown} ms)", flush=True
+    )
+
+
+_HOURLY_24H = (
+    "SELECT hour, account, oa_id, zns_temp_id, state, messages, total_price FROM resolved_hourly "
+    "WHERE hour >= now() - interval '24 hours' "
+    "ORDER BY hour DESC, account, oa_id, zns_temp_id, state"
+)
+
+
+def measure_reads(name: str, runs: int) -> None:
+    """`esms-poller status` as a whole command and as its query, and the operator views."""
+    from sqlalchemy import create_engine
+
+    from worker import store
+
+    env = child_env(DATABASE_URL=_url(name), ESMS_API_KEY="bench-key", ESMS_SECRET_KEY="s")
+    command = [str(Path(sys.executable).parent / "esms-poller"), "status"]
+    _say(
+        "esms-poller status (whole command)",
+        _timed(runs, lambda: subprocess.run(command, env=env, check=True, capture_output=True)),
+    )
+    engine = store.make_engine(_settings(name))
+    with engine.connect() as conn:
+        _say("store.status query", _timed(runs, lambda: store.status(conn, 300)))
+    engine.dispose()
+    # The views as an operator's psql reads them: a plain connection.
+    engine = create_engine(_url(name))
+    with engine.connect() as conn:
+        for label, sql in (
+            ("SELECT * FROM message_counts", "SELECT * FROM message_counts"),
+            ("SELECT * FROM failures_by_error", "SELECT * FROM failures_by_error"),
+            ("resolved_hourly, last 24 h (docs/sql.md)", _HOURLY_24H),
+        ):
+            _say(label, _timed(runs, lambda sql=sql: conn.exec_driver_sql(sql).all()))
+    engine.dispose()
+
+
+_RESET_CLAIMS = [
+    "UPDATE messages SET lease_id = NULL, next_poll_at = now() - interval '1 minute' "
+    "WHERE lease_id IS NOT NULL",
+    "DELETE FROM poll_batches",
+]
+
+
+def measure_ticks(name: str, runs: int) -> None:
+    """A claiming tick (every pending row due) and an idle tick (none due), in-process, on the
+    daemon's own engine."""
+    from worker import scheduler, store
+
+    settings = _settings(name)
+    engine = store.make_engine(settings)
+    admin = psycopg.connect(f"{PG_SERVER}/{name}", autocommit=True)
+    claimed: list[int] = []
+
+    def claim() -> None:
+        report = scheduler.schedule_tick(engine, settings, lambda batches: None)
+        claimed.append(sum(len(batch.ref_ids) for batch in report.batches))
+
+    def claiming() -> None:
+        for statement in _RESET_CLAIMS:
+            admin.execute(statement)
+        started = time.perf_counter()
+        claim()
+        times.append(time.perf_counter() - started)
+
+    times: list[float] = []
+    for _ in range(runs):
+        claiming()
+    _say(f"claiming tick ({statistics.median(claimed):.0f} RefIds)", times)
+    for statement in _RESET_CLAIMS:
+        admin.execute(statement)
+    admin.execute(
+        "UPDATE messages SET next_poll_at = now() + interval '1 hour' "
+        "WHERE next_poll_at IS NOT NULL"
+    )
+    claimed.clear()
+    _say("idle tick", _timed(runs * 4, claim))
+    assert not any(claimed), "the idle tick claimed rows"
+    admin.execute(
+        "UPDATE messages SET next_poll_at = now() - interval '1 minute' "
+        "WHERE next_poll_at IS NOT NULL"
+    )
+    admin.close()
+    engine.dispose()
+
+
+def measure_pruning(name: str, days: int, seconds: float) -> None:
+    """Upkeep runs (fold + history pruning) for `seconds`, with HISTORY_RETENTION_DAYS=`days`."""
+    from sqlalchemy import create_engine
+
+    from worker import upkeep
+
+    settings = _settings(name, history_retention_days=days)
+    engine = create_engine(_url(name))
+    pruned, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        report = upkeep.run(engine, settings)
+        pruned += report.history_pruned
+        if report.history_pruned < upkeep.PRUNE_BATCH:
+            break
+    elapsed = time.perf_counter() - started
+    print(
+        f"history pruning: {pruned:,} rows in {elapsed:.1f} s = {pruned / elapsed:,.0f} rows/s "
+        f"(batches of {upkeep.PRUNE_BATCH:,})",
+        flush=True,
+    )
+    engine.dispose()
+
+
+def measure(upgrade: bool, runs: int, prune_seconds: float) -> None:
+    step = time.perf_counter()
+    _create(DATABASE, TEMPLATE)
+    print(f"cloned {TEMPLATE} in {time.perf_counter() - step:.0f} s", flush=True)
+    if upgrade:
+        writer = Writer(DATABASE)
+        writer.start()
+        took = _alembic(DATABASE, "upgrade", "head")
+        writer.stop.set()
+        writer.join()
+        print(
+            f"alembic upgrade head: {took:.1f} s; slowest of {writer.writes} writes meanwhile "
+            f"{writer.slowest * 1000:.0f} ms",
+            flush=True,
+        )
+    measure_reads(DATABASE, runs)
+    print(f"-- ticks on {DATABASE} ({FINAL_ROWS:,} final + {PENDING:,} pending)", flush=True)
+    measure_ticks(DATABASE, runs)
+    _create(SMALL)
+    _alembic(SMALL, "upgrade", "head" if upgrade else BASE_REVISION)
+    with psycopg.connect(f"{PG_SERVER}/{SMALL}", autocommit=True) as conn:
+        conn.execute(_PENDING, {"n": PENDING})
+        conn.execute("VACUUM (ANALYZE) messages")
+    print(f"-- ticks on {SMALL} (only the {PENDING:,} pending)", flush=True)
+    measure_ticks(SMALL, runs)
+    drop_database(SMALL)
+    if upgrade and prune_seconds:
+        measure_pruning(DATABASE, 30, prune_seconds)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     make = sub.add_parser("build")
     make.add_argument("--final-rows", type=int, default=FINAL_ROWS)
     make.add_argument("--pending", type=int, default=PENDING)
+    check = sub.add_parser("measure")
+    check.add_argument(
+        "--no-upgrade", action="store_true", help="measure at the template's revision"
+    )
+    check.add_argument("--runs", type=int, default=5)
+    check.add_argument("--prune-seconds", type=float, default=30)
     args = parser.parse_args()
     if args.command == "build":
         build(args.final_rows, args.pending)
+    else:
+        measure(not args.no_upgrade, args.runs, args.prune_seconds)
 
 
 if __name__ == "__main__":
