@@ -1,8 +1,10 @@
 """A year of traffic: what 10M final rows do to the operator's reads, the scheduler and the tables.
 
-    .venv/bin/python bench/scale.py build              # the template database, once (~10 min)
+    .venv/bin/python bench/scale.py build              # the template database, once (~5 min)
     .venv/bin/python bench/scale.py measure            # clone it, migrate, measure (~5 min)
-    .venv/bin/python bench/scale.py measure --no-upgrade   # the same at the template's revision
+    .venv/bin/python bench/scale.py measure --no-upgrade   # at 0006: run from a checkout of a
+                                                           # release before 0008 (the baseline)
+    .venv/bin/python bench/scale.py prune --days 20 --seconds 40   # history pruning alone
 
 `build` makes `esms_scale_tmpl` at revision 0006 (the schema before migration 0008): FINAL_ROWS
 final messages spread over 30 days (two accounts, ten OAs, twenty templates; 85 % sent, 8 %
@@ -14,7 +16,8 @@ are built afterwards, then VACUUM ANALYZE. It is kept as a template between runs
 it while a writer updates pending rows every 50 ms and records its slowest write, then times:
 `esms-poller status` (the whole command, and its query), the operator views, a claiming tick
 (11,600 RefIds) and an idle tick against the same schema on a table holding only the backlog
-(`esms_scale_small`), and history pruning. Everything it reports is printed.
+(`esms_scale_small`, where `esms-poller status` is also timed as a control: the command's own
+start-up), and history pruning. Everything it reports is printed.
 """
 
 from __future__ import annotations
@@ -372,6 +375,12 @@ def measure(upgrade: bool, runs: int, prune_seconds: float) -> None:
         conn.execute("VACUUM (ANALYZE) messages")
     print(f"-- ticks on {SMALL} (only the {PENDING:,} pending)", flush=True)
     measure_ticks(SMALL, runs)
+    env = child_env(DATABASE_URL=_url(SMALL), ESMS_API_KEY="bench-key", ESMS_SECRET_KEY="s")
+    command = [str(Path(sys.executable).parent / "esms-poller"), "status"]
+    _say(
+        f"control: esms-poller status (whole command) on {SMALL}",
+        _timed(runs, lambda: subprocess.run(command, env=env, check=True, capture_output=True)),
+    )
     drop_database(SMALL)
     if upgrade and prune_seconds:
         measure_pruning(DATABASE, 30, prune_seconds)
@@ -389,9 +398,14 @@ def main() -> None:
     )
     check.add_argument("--runs", type=int, default=5)
     check.add_argument("--prune-seconds", type=float, default=30)
+    prune = sub.add_parser("prune", help=f"prune history of {DATABASE} (left by measure)")
+    prune.add_argument("--days", type=int, default=20, help="HISTORY_RETENTION_DAYS")
+    prune.add_argument("--seconds", type=float, default=40)
     args = parser.parse_args()
     if args.command == "build":
         build(args.final_rows, args.pending)
+    elif args.command == "prune":
+        measure_pruning(DATABASE, args.days, args.seconds)
     else:
         measure(not args.no_upgrade, args.runs, args.prune_seconds)
 
