@@ -167,6 +167,30 @@ def test_status_shows_backlog_counts_rate_and_heartbeat(cli, engine):
     assert "requests in flight: 1" in result.output
 
 
+def test_recount_brings_status_back_to_the_table_after_a_change_by_hand(cli, engine):
+    insert(engine, ("r1", "oa1"), ("r2", "oa1"))
+    with engine.begin() as conn:
+        store.merge_callbacks(
+            conn,
+            [
+                CallbackRecord("r1", send_status=5, send_success=1),
+                CallbackRecord("r2", send_status=5, send_success=1),
+            ],
+        )
+        conn.execute(text("UPDATE messages SET state = 'failed' WHERE ref_id = 'r2'"))
+
+    def counts():
+        with engine.begin() as conn:
+            (row,) = store.status(conn, 300)
+        return row.sent, row.failed
+
+    assert counts() == (2, 0)  # the hand change is not in the counts
+    result = cli("recount")
+    assert result.exit_code == 0, result.output
+    assert "recounted" in result.output
+    assert counts() == (1, 1)
+
+
 def test_status_without_beat_says_so(cli, engine):
     result = cli("status")
     assert result.exit_code == 0
@@ -359,7 +383,7 @@ def test_check_accounts_without_accounts(cli, engine):
 def test_every_command_has_help():
     group = typer.main.get_command(app)
     assert set(group.commands) == {
-        "track", "status", "show", "repoll", "check-accounts", "emulator", "demo"
+        "track", "status", "show", "repoll", "recount", "check-accounts", "emulator", "demo"
     }  # fmt: skip
     top = runner.invoke(app, ["--help"])
     assert top.exit_code == 0
