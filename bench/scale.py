@@ -336,9 +336,16 @@ def measure_pruning(name: str, days: int, seconds: float) -> None:
     settings = _settings(name, history_retention_days=days)
     engine = create_engine(_url(name))
     pruned, started = 0, time.perf_counter()
+    window, window_rows = started, 0
     while time.perf_counter() - started < seconds:
         report = upkeep.run(engine, settings)
         pruned += report.history_pruned
+        window_rows += report.history_pruned
+        now = time.perf_counter()
+        if now - window >= 5:  # a line per 5 s, with the clock, to line up with other runs
+            at = time.strftime("%H:%M:%S", time.gmtime())
+            print(f"  {at} UTC: {window_rows / (now - window):,.0f} rows/s", flush=True)
+            window, window_rows = now, 0
         if report.history_pruned < upkeep.PRUNE_BATCH:
             break
     elapsed = time.perf_counter() - started

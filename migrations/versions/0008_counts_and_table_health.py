@@ -218,6 +218,8 @@ def upgrade() -> None:
         unique=True,
         postgresql_nulls_not_distinct=True,
     )
+    # The count groups its 10M rows in memory rather than in batches spilled to disk.
+    op.execute("SET LOCAL work_mem = '256MB'")
     op.execute(_FILL)
     for name, query in VIEWS.items():
         op.execute(f"CREATE OR REPLACE VIEW {name} AS {query}")
@@ -227,6 +229,8 @@ def upgrade() -> None:
     op.execute(f"ALTER TABLE message_history SET ({settings})")
     # The indexes after the commit of the above: CONCURRENTLY runs outside a transaction.
     with op.get_context().autocommit_block():
+        # For this session only: the index builds sort in memory.
+        op.execute("SET maintenance_work_mem = '256MB'")
         _drop_if_invalid("messages_resolved_at_idx")
         op.create_index(
             "messages_resolved_at_idx",
