@@ -5,6 +5,7 @@
     .venv/bin/python bench/scale.py measure --no-upgrade   # at 0006: run from a checkout of a
                                                            # release before 0008 (the baseline)
     .venv/bin/python bench/scale.py prune --days 20 --seconds 40   # history pruning alone
+    .venv/bin/python bench/scale.py fillfactor 100 90 80   # the hot set's pages, by fillfactor
 
 `build` makes `esms_scale_tmpl` at revision 0006 (the schema before migration 0008): FINAL_ROWS
 final messages spread over 30 days (two accounts, ten OAs, twenty templates; 85 % sent, 8 %
@@ -357,6 +358,38 @@ def measure_pruning(name: str, days: int, seconds: float) -> None:
     engine.dispose()
 
 
+def fillfactors(values: list[int], rounds: int) -> None:
+    """For each fillfactor: a fresh clone, upgraded, with that fillfactor on `messages`; `rounds`
+    claiming ticks (each after making every pending row due again, as `measure_ticks` does); then
+    how many pages hold the pending rows and what the backlog gauge's query costs."""
+    from worker import scheduler, store
+
+    for value in values:
+        _create(DATABASE, TEMPLATE)
+        _alembic(DATABASE, "upgrade", "head")
+        settings = _settings(DATABASE)
+        engine = store.make_engine(settings)
+        with psycopg.connect(f"{PG_SERVER}/{DATABASE}", autocommit=True) as admin:
+            admin.execute(f"ALTER TABLE messages SET (fillfactor = {value})")
+            ticks = []
+            for _ in range(rounds):
+                for statement in _RESET_CLAIMS:
+                    admin.execute(statement)
+                started = time.perf_counter()
+                scheduler.schedule_tick(engine, settings, lambda batches: None)
+                ticks.append(time.perf_counter() - started)
+            pages = admin.execute(
+                "SELECT count(DISTINCT (ctid::text::point)[0]) FROM messages "
+                "WHERE state = 'pending'"
+            ).fetchone()[0]
+        with engine.connect() as conn:
+            backlog = _timed(3, lambda conn=conn: store.pending_backlog(conn, ["default"]))
+        engine.dispose()
+        print(f"fillfactor {value}: {PENDING:,} pending rows on {pages:,} pages", flush=True)
+        _say(f"fillfactor {value}: claiming ticks", ticks)
+        _say(f"fillfactor {value}: pending_backlog query", backlog)
+
+
 def measure(upgrade: bool, runs: int, prune_seconds: float) -> None:
     step = time.perf_counter()
     _create(DATABASE, TEMPLATE)
@@ -408,8 +441,13 @@ def main() -> None:
     prune = sub.add_parser("prune", help=f"prune history of {DATABASE} (left by measure)")
     prune.add_argument("--days", type=int, default=20, help="HISTORY_RETENTION_DAYS")
     prune.add_argument("--seconds", type=float, default=40)
+    factors = sub.add_parser("fillfactor", help="pending rows' pages after claims, by fillfactor")
+    factors.add_argument("values", type=int, nargs="+")
+    factors.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
-    if args.command == "build":
+    if args.command == "fillfactor":
+        fillfactors(args.values, args.rounds)
+    elif args.command == "build":
         build(args.final_rows, args.pending)
     elif args.command == "prune":
         measure_pruning(DATABASE, args.days, args.seconds)

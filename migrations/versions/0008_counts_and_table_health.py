@@ -156,7 +156,7 @@ _FILL = """
 """
 
 MESSAGES_STORAGE = {
-    "fillfactor": "80",
+    "fillfactor": "90",
     "autovacuum_vacuum_scale_factor": "0",
     "autovacuum_vacuum_threshold": "20000",
     "autovacuum_vacuum_insert_scale_factor": "0",
