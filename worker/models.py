@@ -2,10 +2,11 @@
 
 `messages` is the operator contract: the sending system inserts `ref_id`, `oa_id` (and optionally
 `account`); the daemon owns every other column. Partial indexes cover only pending rows, so finding
-due work costs the same beside ten million final rows as beside none. `poll_batches` holds the
-leases: one row per in-flight GetCallback request, with the RefIds it carries and when its claim
-runs out. `message_history` records every change of a message, append-only. Queries live in
-`worker.store`, not here.
+due work costs the same beside ten million final rows as beside none; the two on final rows only
+(migration 0008) serve the operator's reads, and the count tables spare them counting the table.
+`poll_batches` holds the leases: one row per in-flight GetCallback request, with the RefIds it
+carries and when its claim runs out. `message_history` records every change of a message,
+append-only. Queries live in `worker.store`, not here.
 """
 
 from __future__ import annotations

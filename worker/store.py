@@ -1131,7 +1131,7 @@ _FOLD_COUNTS = text(
 
 
 def try_upkeep_lock(conn: Connection) -> bool:
-    """Take the session lock of an upkeep run (`conn` autocommit), or learn another run has it."""
+    """Take the session lock of an upkeep run, or learn another run has it."""
     return bool(conn.execute(_TRY_RUN_LOCK, {"key": _UPKEEP_RUN_LOCK}).scalar())
 
 

@@ -36,16 +36,18 @@ class UpkeepReport:
     messages_pruned: int = 0
 
 
-def _prune(engine: Engine, prune: Callable[[Connection], int], batch: int, deadline: float) -> int:
-    """Run `prune` (one statement deleting at most `batch` rows) until it deletes fewer than
-    `batch` or the deadline passes; the rows deleted."""
+def _prune(
+    conn: Connection, prune: Callable[[Connection], int], batch: int, deadline: float
+) -> int:
+    """Run `prune` (one statement deleting at most `batch` rows), each time in its own
+    transaction, until it deletes fewer than `batch` or the deadline passes; the rows deleted."""
     total = 0
-    with store.single_statements(engine) as conn:
-        while True:
+    while True:
+        with conn.begin():
             deleted = prune(conn)
-            total += deleted
-            if deleted < batch or time.monotonic() >= deadline:
-                return total
+        total += deleted
+        if deleted < batch or time.monotonic() >= deadline:
+            return total
 
 
 def run(
@@ -55,27 +57,31 @@ def run(
     batch: int = PRUNE_BATCH,
     budget_seconds: float = PRUNE_BUDGET_SECONDS,
 ) -> UpkeepReport:
-    """One upkeep run (see the module's docstring)."""
+    """One upkeep run (see the module's docstring), on one connection of the pool: the polls
+    share that pool."""
     report = UpkeepReport()
-    with store.single_statements(engine) as guard:
-        if not store.try_upkeep_lock(guard):
+    with engine.connect() as conn:
+        with conn.begin():
+            locked = store.try_upkeep_lock(conn)
+        if not locked:
             report.skipped = True
             return report
         try:
-            with engine.begin() as conn:
+            with conn.begin():
                 report.folded = store.fold_counts(conn) or 0
             deadline = time.monotonic() + budget_seconds
             if settings.message_retention_days is not None:
                 days = settings.message_retention_days
                 report.messages_pruned = _prune(
-                    engine, lambda conn: store.prune_messages(conn, days, batch), batch, deadline
+                    conn, lambda c: store.prune_messages(c, days, batch), batch, deadline
                 )
             days = settings.history_retention_days
             report.history_pruned = _prune(
-                engine, lambda conn: store.prune_history(conn, days, batch), batch, deadline
+                conn, lambda c: store.prune_history(c, days, batch), batch, deadline
             )
         finally:
-            store.upkeep_unlock(guard)
+            with conn.begin():
+                store.upkeep_unlock(conn)
     if report.history_pruned or report.messages_pruned:
         log.info(
             "upkeep: pruned %d history rows and %d final messages past retention",

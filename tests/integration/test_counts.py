@@ -183,7 +183,7 @@ def test_history_retention_prunes_only_what_is_older(engine, make_settings):
 
 
 def test_one_upkeep_run_at_a_time(engine, make_settings):
-    with store.single_statements(engine) as holder:
+    with store.single_statements(engine) as holder:  # another worker's run
         assert store.try_upkeep_lock(holder)
         try:
             assert upkeep.run(engine, make_settings()).skipped
