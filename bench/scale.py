@@ -6,6 +6,7 @@
                                                            # release before 0008 (the baseline)
     .venv/bin/python bench/scale.py prune --days 20 --seconds 40   # history pruning alone
     .venv/bin/python bench/scale.py fillfactor 100 90 80   # the hot set's pages, by fillfactor
+    .venv/bin/python bench/scale.py merge-cpu          # Postgres CPU of the merge per RefId
 
 `build` makes `esms_scale_tmpl` at revision 0006 (the schema before migration 0008): FINAL_ROWS
 final messages spread over 30 days (two accounts, ten OAs, twenty templates; 85 % sent, 8 %
@@ -24,6 +25,7 @@ start-up), and history pruning. Everything it reports is printed.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -390,6 +392,64 @@ def fillfactors(values: list[int], rounds: int) -> None:
         _say(f"fillfactor {value}: pending_backlog query", backlog)
 
 
+MERGE_DATABASE = "esms_scale_merge"
+
+
+def merge_cpu(rows: int, drop_final_indexes: bool) -> None:
+    """Postgres CPU of the merge alone: `rows` pending rows made final (9 in 10 sent, 1 failed) in
+    200-row `store.merge_callbacks` calls on one connection; the CPU time of the backend that ran
+    them, from /proc. `drop_final_indexes` drops migration 0008's two indexes on final rows first,
+    to tell their share."""
+    import uuid
+    from decimal import Decimal
+
+    from sqlalchemy import text
+
+    from worker import store
+    from worker.records import CallbackRecord
+
+    _create(MERGE_DATABASE)
+    _alembic(MERGE_DATABASE, "upgrade", "head")
+    with psycopg.connect(f"{PG_SERVER}/{MERGE_DATABASE}", autocommit=True) as admin:
+        if drop_final_indexes:
+            admin.execute("DROP INDEX messages_resolved_at_idx, messages_failures_idx")
+        admin.execute(
+            "INSERT INTO messages (ref_id, oa_id, next_poll_at) "
+            "SELECT 'r' || g, 'oa' || g %% 5, now() FROM generate_series(1, %s) AS g",
+            (rows,),
+        )
+        admin.execute("VACUUM ANALYZE messages")
+    engine = store.make_engine(_settings(MERGE_DATABASE), for_polling=True)
+
+    def record(n: int) -> CallbackRecord:
+        failed = n % 10 == 0
+        return CallbackRecord(
+            f"r{n}", send_status=5, send_success=0 if failed else 1, send_failed=int(failed),
+            total_price=Decimal("300"), zns_temp_id=f"2310{n % 3}",
+            error_info='{"error":-118}' if failed else '{"error":0}',
+        )  # fmt: skip
+
+    with engine.connect() as conn:
+        pid = conn.execute(text("SELECT pg_backend_pid()")).scalar_one()
+        conn.commit()
+        before = _cpu_seconds(pid)
+        for start in range(1, rows + 1, 200):
+            batch = [record(n) for n in range(start, min(start + 200, rows + 1))]
+            store.merge_callbacks(conn, batch, batch_id=uuid.uuid4())
+            conn.commit()
+        used = _cpu_seconds(pid) - before
+    engine.dispose()
+    drop_database(MERGE_DATABASE)
+    which = "without the final-row indexes" if drop_final_indexes else "as migrated"
+    print(f"merge, {which}: {used / rows * 1e6:.1f} µs of Postgres CPU per RefId made final")
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as handle:
+        fields = handle.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def measure(upgrade: bool, runs: int, prune_seconds: float) -> None:
     step = time.perf_counter()
     _create(DATABASE, TEMPLATE)
@@ -444,8 +504,13 @@ def main() -> None:
     factors = sub.add_parser("fillfactor", help="pending rows' pages after claims, by fillfactor")
     factors.add_argument("values", type=int, nargs="+")
     factors.add_argument("--rounds", type=int, default=5)
+    cpu = sub.add_parser("merge-cpu", help="Postgres CPU of the merge alone, per RefId")
+    cpu.add_argument("--rows", type=int, default=100_000)
+    cpu.add_argument("--drop-final-indexes", action="store_true")
     args = parser.parse_args()
-    if args.command == "fillfactor":
+    if args.command == "merge-cpu":
+        merge_cpu(args.rows, args.drop_final_indexes)
+    elif args.command == "fillfactor":
         fillfactors(args.values, args.rounds)
     elif args.command == "build":
         build(args.final_rows, args.pending)
