@@ -6,8 +6,8 @@ statement it runs is in `worker.store`. What an operator can fix — unreadable 
 DATABASE_URL that is not a URL, a database that does not answer or is not migrated — ends in one
 line on stderr and exit status 1: never a traceback, never a password. Output that names a
 message or an account is printed as plain text, never as Rich markup, since RefIds are the
-sender's strings. Redis and the provider's client are imported by `check-accounts` alone, so the
-commands operators run often (`status --watch`) start in a fraction of a second.
+sender's strings. Redis and the provider's client are imported by `check-accounts` alone: the
+commands operators run often (`status`) do not pay for loading them.
 """
 
 from __future__ import annotations
