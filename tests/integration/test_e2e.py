@@ -96,6 +96,13 @@ def test_every_message_ends_with_the_emulators_truth(engine, database_url, redis
     emulator.admin("POST", "/messages", json={"messages": rows})
     with engine.begin() as conn:
         conn.execute(text("INSERT INTO messages (ref_id, oa_id) VALUES (:ref_id, :oa_id)"), rows)
+        # History past HISTORY_RETENTION_DAYS (30): beat's upkeep task prunes it.
+        conn.execute(
+            text(
+                "INSERT INTO message_history (ref_id, at, source, new_state) "
+                "VALUES ('gone-long-ago', now() - interval '40 days', 'poll', 'sent')"
+            )
+        )
 
     env = daemon_env(database_url, redis_url, emulator.url)
     worker = celery(children, "worker", env)
@@ -144,3 +151,21 @@ def test_every_message_ends_with_the_emulators_truth(engine, database_url, redis
     for entry in log:
         assert 1 <= entry["n_refids"] <= 200
         assert {by_ref[ref] for ref in entry["refids"]} == {entry["oa_id"]}
+
+    # Beat's upkeep ran in the worker: the old history is pruned, the count deltas are folded,
+    # and the operator's counts are the table's.
+    def upkept() -> bool:
+        with engine.begin() as conn:
+            old = conn.execute(
+                text("SELECT count(*) FROM message_history WHERE ref_id = 'gone-long-ago'")
+            ).scalar()
+            deltas = conn.execute(text("SELECT count(*) FROM message_count_deltas")).scalar()
+        return old == 0 and deltas == 0
+
+    wait_for(upkept, timeout=30, message="upkeep pruned and folded")
+    with engine.begin() as conn:
+        counted = conn.execute(
+            text("SELECT state, sum(messages) FROM message_counts GROUP BY state")
+        ).all()
+        table = conn.execute(text("SELECT state, count(*) FROM messages GROUP BY state")).all()
+    assert sorted(map(tuple, counted)) == sorted(map(tuple, table))
