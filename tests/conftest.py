@@ -62,7 +62,12 @@ def session_engine(database_url: str) -> Engine:
 def engine(session_engine: Engine) -> Engine:
     """The session database, emptied: tests here commit, and other processes must see it."""
     with session_engine.begin() as conn:
-        conn.execute(text("TRUNCATE messages, poll_batches, message_history, scheduler_heartbeat"))
+        conn.execute(
+            text(
+                "TRUNCATE messages, poll_batches, message_history, scheduler_heartbeat, "
+                "message_events"
+            )
+        )
     return session_engine
 
 

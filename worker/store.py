@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from datetime import timedelta
 
 import orjson
@@ -142,7 +142,13 @@ _EXPIRE_OLD = text(
                                      + make_interval(secs => :max_age)
                    OR oa_id = '' OR NOT (account = ANY(:accounts)))
             LIMIT :limit FOR UPDATE SKIP LOCKED)
-        RETURNING ref_id, send_status)
+        RETURNING ref_id, account, oa_id, send_status, error_code, total_price
+    ), events AS (
+        INSERT INTO message_events (ref_id, account, oa_id, source, state, send_status,
+                                    error_code, total_price)
+        SELECT ref_id, account, oa_id, 'expiry', 'expired', send_status, error_code, total_price
+        FROM expired
+    )
     INSERT INTO message_history (ref_id, source, old_state, new_state, old_send_status,
                                  new_send_status)
     SELECT ref_id, 'expiry', 'pending', 'expired', send_status, send_status FROM expired
@@ -490,13 +496,26 @@ def load_batch(conn: Connection, batch_id: uuid.UUID, min_remaining_seconds: flo
 
 
 @dataclass(frozen=True)
+class Failure:
+    """Messages made failed or rejected, counted per account, OA, state and error code (the
+    `esms_final_failures_total` metric: a spike of -124 on one OA is its expired Zalo token)."""
+
+    account: str
+    oa_id: str
+    state: str
+    error_code: int | None
+
+
+@dataclass(frozen=True)
 class Completed:
-    """What finishing a batch did: rows whose data changed, rows made final by state, and rows of
-    the lease the provider answered for the first time (evidence that it knows its RefIds)."""
+    """What finishing a batch did: rows whose data changed, rows made final by state, rows of
+    the lease the provider answered for the first time (evidence that it knows its RefIds), and
+    the rows made failed or rejected by account, OA and error code."""
 
     changed: int
     resolved: dict[str, int]
     first_answers: int = 0
+    failures: dict[Failure, int] = field(default_factory=dict)
 
 
 def complete_batch(
@@ -694,7 +713,16 @@ _APPLY_REPORTS = text(
         FROM x
         WHERE m.ref_id = x.ref_id AND (x.mine OR x.apply)
         RETURNING x.ref_id, x.apply, x.mine, x.never_answered, x.old_state, m.state AS new_state,
-                  x.old_send_status, m.send_status AS new_send_status, m.error_code
+                  x.old_send_status, m.send_status AS new_send_status, m.error_code,
+                  m.account, m.oa_id, m.total_price
+    ), events AS (
+        -- The final-status feed (worker.events): one row per message this statement made final.
+        INSERT INTO message_events (ref_id, account, oa_id, source, state, send_status,
+                                    error_code, total_price)
+        SELECT ref_id, account, oa_id, :source, new_state, new_send_status, error_code,
+               total_price
+        FROM changed
+        WHERE apply AND new_state IN ({_FINAL_LIST}) AND new_state <> old_state
     ), history AS (
         INSERT INTO message_history (ref_id, source, batch_id, old_state, new_state,
                                      old_send_status, new_send_status, error_code)
@@ -711,7 +739,11 @@ _APPLY_REPORTS = text(
             f"count(*) FILTER (WHERE apply AND new_state = '{state}')"
             for state in _POLL_FINAL_STATES
         )
-    }
+    },
+           (SELECT json_agg(json_build_array(account, oa_id, new_state, error_code, n))
+            FROM (SELECT account, oa_id, new_state, error_code, count(*) AS n FROM changed
+                  WHERE apply AND new_state IN ('failed', 'rejected') AND new_state <> old_state
+                  GROUP BY 1, 2, 3, 4) AS f)
     FROM changed
     """
 )
@@ -736,11 +768,15 @@ def _apply_reports(
         "max_interval": settings.poll_max_interval_seconds if settings else 0,
         "max_age": settings.message_max_age_seconds if settings else 0,
     }
-    first_answers, changed, *by_state = conn.execute(_APPLY_REPORTS, params).one()
+    first_answers, changed, *by_state, failures = conn.execute(_APPLY_REPORTS, params).one()
     resolved = {
         state: count for state, count in zip(_POLL_FINAL_STATES, by_state, strict=True) if count
     }
-    return Completed(changed, resolved, first_answers)
+    failed = {
+        Failure(account, oa_id, state, error_code): count
+        for account, oa_id, state, error_code, count in failures or ()
+    }
+    return Completed(changed, resolved, first_answers, failed)
 
 
 def merge_callbacks(
@@ -794,6 +830,61 @@ def known_ref_ids(conn: Connection, ref_ids: Sequence[str]) -> set[str]:
     if not ref_ids:
         return set()
     return {ref_id for (ref_id,) in conn.execute(_KNOWN_REF_IDS, {"ref_ids": list(ref_ids)})}
+
+
+# --- the final-status feed (worker.events) ----------------------------------------------------
+
+# The feed's horizon: every event whose transaction id is below it is committed (or rolled back)
+# and no transaction can still write one below it. That is the smallest transaction id still
+# running in this database as the statement's snapshot sees it (its xip list), or the snapshot's
+# xmax (every later transaction gets a larger id). Transactions running in other databases of the
+# cluster cannot write here: those that pg_stat_activity names are left out, so a long
+# transaction elsewhere does not hold the feed back (a role that may not see other users'
+# backend_xid sees NULL there, and then waits for them too: never wrong, only later).
+_FEED_HORIZON = """
+    SELECT COALESCE(
+        (SELECT min(x) FROM pg_snapshot_xip(pg_current_snapshot()) AS x
+         WHERE NOT EXISTS (SELECT FROM pg_stat_activity AS a
+                           WHERE a.backend_xid = x::xid
+                             AND a.datname IS DISTINCT FROM current_database())),
+        pg_snapshot_xmax(pg_current_snapshot()))
+"""
+
+# Events after the cursor (:xid, :id) in (xid, id) order, below the horizon. worker.events says
+# why this order and not the identity's.
+_EVENTS_AFTER = text(
+    f"""
+    SELECT xid::text, id, at, ref_id, account, oa_id, source, state, send_status, error_code,
+           total_price::text
+    FROM message_events
+    WHERE (xid, id) > (CAST(:xid AS xid8), :id) AND xid < ({_FEED_HORIZON})
+    ORDER BY xid, id
+    LIMIT :limit
+    """
+)
+
+
+def events_after(conn: Connection, xid: int, event_id: int, limit: int) -> list[tuple]:
+    """Up to `limit` rows of `message_events` after the cursor (xid, id) that no running
+    transaction can precede any more, in feed order: (xid as text, id, at, ref_id, account,
+    oa_id, source, state, send_status, error_code, total_price as text)."""
+    params = {"xid": str(xid), "id": event_id, "limit": limit}
+    return [tuple(row) for row in conn.execute(_EVENTS_AFTER, params)]
+
+
+_FEED_END = text(
+    f"""
+    SELECT xid::text, id FROM message_events
+    WHERE xid < ({_FEED_HORIZON})
+    ORDER BY xid DESC, id DESC LIMIT 1
+    """
+)
+
+
+def feed_end(conn: Connection) -> tuple[int, int]:
+    """The cursor after the last event deliverable now, (0, 0) when there is none."""
+    row = conn.execute(_FEED_END).first()
+    return (int(row[0]), row[1]) if row else (0, 0)
 
 
 # --- operator tools (worker.cli) --------------------------------------------------------------
