@@ -5,7 +5,10 @@ pool, worker.green), so the counters live in that process's default registry and
 answers `http://METRICS_HOST:METRICS_PORT/metrics` from a thread of it. `METRICS_PORT=0` turns
 the endpoint off.
 
-Labels carry account names, result codes, error kinds and states: never keys, OAIds or RefIds.
+Labels carry account names, result codes, error kinds and states: never keys or RefIds, and
+OAIds only on `esms_final_failures_total`, because a Zalo token that expired (-124) fails every
+message of one OA and nothing else shows which (an account has a handful of OAs, and the error
+codes are a short documented list, so the series stay few).
 The backlog gauges are read from Postgres by the scheduler tick (`refresh_backlog`) every
 `BACKLOG_REFRESH_SECONDS`, and the unpollable rows by its periodic check (`set_unpollable`), so a
 scrape costs no query.
@@ -67,6 +70,28 @@ RESOLVED = Counter(
     "esms_resolved_total",
     "RefIds that reached a final state (sent, failed, rejected by polls; expired by age)",
     ["state"],
+)
+FINAL_FAILURES = Counter(
+    "esms_final_failures_total",
+    "Messages a poll made failed or rejected, by account, OA, state and error code (the code "
+    "of the ErrorInfo, 'none' without one): -124 on one OA is its Zalo token",
+    ["account", "oa_id", "state", "error_code"],
+)
+REFIDS_POLLED = Counter(
+    "esms_refids_polled_total",
+    "RefIds carried by GetCallback requests that were answered",
+    ["account"],
+)
+SCHEDULER_LAST_TICK = Gauge(
+    "esms_scheduler_last_tick_timestamp_seconds",
+    "Unix time of the last scheduler tick this worker ran (beat's heartbeat: it stops moving "
+    "when beat stops)",
+)
+COOLING_OFF = Gauge(
+    "esms_cooling_off",
+    "Cool-offs after the provider refused keys or an OA, as the last tick saw them: "
+    "scope=account is 1 while the account is paused, scope=oa counts its paused OAs",
+    ["account", "scope"],
 )
 BATCHES = Counter(
     "esms_batches_total",
@@ -208,3 +233,17 @@ def refresh_backlog(engine: Engine, settings: Settings) -> None:
         pending, oldest = backlog.get(account, (0, 0.0))
         BACKLOG_PENDING.labels(account).set(pending)
         BACKLOG_OLDEST_AGE.labels(account).set(max(0.0, oldest))
+
+
+def count_failures(failures: dict[store.Failure, int]) -> None:
+    """Count the messages a write made failed or rejected (store.Completed.failures)."""
+    for failure, count in failures.items():
+        code = "none" if failure.error_code is None else str(failure.error_code)
+        FINAL_FAILURES.labels(failure.account, failure.oa_id, failure.state, code).inc(count)
+
+
+def set_cooling_off(accounts: Iterable[str], paused: set[str], paused_oas: dict[str, list]) -> None:
+    """Set `esms_cooling_off` from one tick's view of the cool-offs (worker.cooloff)."""
+    for account in accounts:
+        COOLING_OFF.labels(account, "account").set(1 if account in paused else 0)
+        COOLING_OFF.labels(account, "oa").set(len(paused_oas.get(account, ())))
