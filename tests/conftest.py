@@ -65,7 +65,7 @@ def engine(session_engine: Engine) -> Engine:
         conn.execute(
             text(
                 "TRUNCATE messages, poll_batches, message_history, scheduler_heartbeat, "
-                "message_events"
+                "message_events, feed_cursors"
             )
         )
     return session_engine

@@ -93,6 +93,15 @@ COOLING_OFF = Gauge(
     "scope=account is 1 while the account is paused, scope=oa counts its paused OAs",
     ["account", "scope"],
 )
+WEBHOOK_POSTS = Counter(
+    "esms_webhook_posts_total",
+    "POSTs of final-status events to FINAL_WEBHOOK_URL by result: ok (2xx), http_<status>, "
+    "timeout or unreachable",
+    ["result"],
+)
+WEBHOOK_EVENTS = Counter(
+    "esms_webhook_events_total", "Final-status events the webhook's receiver accepted"
+)
 BATCHES = Counter(
     "esms_batches_total",
     "Poll tasks by outcome: done, failed/no_slot/paused/unknown_account (batch released), stale",

@@ -170,3 +170,13 @@ message_events = Table(
     Column("total_price", Numeric),
     Index("message_events_at_idx", "at"),
 )
+
+# Where a reader inside the daemon keeps its place in the feed (the webhook's is `webhook`).
+feed_cursors = Table(
+    "feed_cursors",
+    metadata,
+    Column("name", Text, primary_key=True),
+    Column("xid", Xid8, nullable=False),
+    Column("id", BigInteger, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+)

@@ -887,6 +887,37 @@ def feed_end(conn: Connection) -> tuple[int, int]:
     return (int(row[0]), row[1]) if row else (0, 0)
 
 
+_CURSOR_OF = text("SELECT xid::text, id FROM feed_cursors WHERE name = :name")
+
+# Moves the cursor only from where the caller read it: a second deliverer that read the same
+# cursor finds it moved and learns it lost (False), instead of moving it back.
+_MOVE_CURSOR = text(
+    """
+    INSERT INTO feed_cursors AS c (name, xid, id) VALUES (:name, CAST(:xid AS xid8), :id)
+    ON CONFLICT (name) DO UPDATE SET xid = excluded.xid, id = excluded.id, updated_at = now()
+    WHERE (c.xid, c.id) = (CAST(:old_xid AS xid8), :old_id)
+    """
+)
+
+
+def cursor_of(conn: Connection, name: str) -> tuple[int, int]:
+    """Where the reader `name` stands in the feed; (0, 0), the start, if it never read."""
+    row = conn.execute(_CURSOR_OF, {"name": name}).first()
+    return (int(row[0]), row[1]) if row else (0, 0)
+
+
+def move_cursor(conn: Connection, name: str, old: tuple[int, int], new: tuple[int, int]) -> bool:
+    """Move the reader `name` from `old` to `new`; False if it was not at `old` any more."""
+    params = {
+        "name": name,
+        "xid": str(new[0]),
+        "id": new[1],
+        "old_xid": str(old[0]),
+        "old_id": old[1],
+    }
+    return conn.execute(_MOVE_CURSOR, params).rowcount == 1
+
+
 # --- operator tools (worker.cli) --------------------------------------------------------------
 
 

@@ -1,7 +1,9 @@
 """Celery tasks: thin wrappers that hand plain functions their per-process resources.
 
 `esms.schedule` (run by beat every tick) claims and queues due batches; `esms.poll_batch` polls one
-batch. Task arguments name the batch, account, OAId and size — never credentials — so Flower and
+batch; `esms.webhook` (run by beat every second when FINAL_WEBHOOK_URL is set) posts the
+final-status events that are due (worker.webhook).
+Task arguments name the batch, account, OAId and size — never credentials — so Flower and
 the broker show what is being polled and nothing secret.
 """
 
@@ -13,7 +15,7 @@ from collections.abc import Sequence
 
 from celery.signals import worker_ready
 
-from worker import fleet, metrics, poller, runtime, scheduler
+from worker import fleet, metrics, poller, runtime, scheduler, webhook
 from worker.celery import app
 from worker.settings import get_settings
 from worker.store import Batch
@@ -90,3 +92,15 @@ def poll_batch(batch_id: str, account: str, oa_id: str, size: int, kind: str = "
         enqueue=_enqueue,
     )
     return {"outcome": result.outcome.value, "size": result.size, "changed": result.changed}
+
+
+# A run posts for at most RUN_SECONDS, each POST within its timeout.
+_WEBHOOK_TIME_LIMIT = webhook.RUN_SECONDS + 3 * get_settings().final_webhook_timeout_seconds
+
+
+@app.task(name="esms.webhook", ignore_result=True, time_limit=_WEBHOOK_TIME_LIMIT)
+def post_final_events() -> dict:
+    done = webhook.deliver(
+        runtime.engine(), runtime.webhook_client(), runtime.redis_client(), get_settings()
+    )
+    return {"delivered": done.delivered, "posts": done.posts, "stopped": done.stopped}

@@ -15,6 +15,8 @@ transaction. The table is the durable feed a sending system reads from a cursor
   only when no transaction that could still commit an event before it in that order is running:
   an event committed out of `id` order is never skipped (worker.events says why).
 - The primary key (xid, id) is the reader's index; `at` lets old events be pruned.
+- `feed_cursors`: where a reader inside the daemon keeps its place in the feed, by name (the
+  outbound webhook's is `webhook`, worker.webhook).
 """
 
 from collections.abc import Sequence
@@ -64,8 +66,19 @@ FOR EACH STATEMENT EXECUTE FUNCTION message_events_notify()
 """
 
 
+_CREATE_CURSORS = """
+CREATE TABLE feed_cursors (
+    name text PRIMARY KEY,
+    xid xid8 NOT NULL,
+    id bigint NOT NULL,
+    updated_at timestamptz NOT NULL DEFAULT now()
+)
+"""
+
+
 def upgrade() -> None:
     op.execute(_CREATE_TABLE)
+    op.execute(_CREATE_CURSORS)
     op.create_index("message_events_at_idx", "message_events", ["at"])
     op.execute(_NOTIFY_FUNCTION)
     op.execute(_NOTIFY_TRIGGER)
@@ -75,4 +88,5 @@ def downgrade() -> None:
     op.execute("DROP TRIGGER message_events_notify ON message_events")
     op.execute("DROP FUNCTION message_events_notify()")
     op.drop_index("message_events_at_idx", table_name="message_events")
+    op.drop_table("feed_cursors")
     op.drop_table("message_events")
