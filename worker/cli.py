@@ -22,6 +22,7 @@ from typing import Annotated, Any
 
 import click
 import orjson
+import psycopg
 import redis
 import typer
 from pydantic import ValidationError
@@ -688,6 +689,9 @@ def events(
             out.flush()
     except (KeyboardInterrupt, BrokenPipeError):
         pass
+    except psycopg.OperationalError as lost:
+        # The LISTEN connection is psycopg's own, outside SQLAlchemy's error handling.
+        raise OperatorError(f"lost the database connection: {_first_line(lost)}") from None
 
 
 # --- the emulator and the demo ----------------------------------------------------------------

@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import signal
+import sqlite3
 import subprocess
+import time
 import uuid
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -195,3 +200,65 @@ def test_cursor_round_trip():
     assert str(events.Cursor.parse(" 123-45 ")) == "123-45"
     with pytest.raises(events.BadCursor):
         events.Cursor.parse("12")
+
+
+def _doc_consumer() -> str:
+    """The consumer of docs/integration.md ("A consumer in 20 lines"), as printed there."""
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "integration.md").read_text()
+    section = doc.split("### A consumer in 20 lines", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_documented_consumer_falls_back_to_sms_and_resumes(engine, database_url, tmp_path):
+    no_zalo = dataclasses.replace(
+        FAILED, error_info='{"error":-118,"message":"User is not a Zalo user"}'
+    )
+    _insert(engine, "doc-1", "doc-2", "doc-3", "doc-4")
+    with engine.begin() as conn:
+        store.merge_callbacks(
+            conn,
+            [
+                dataclasses.replace(no_zalo, ref_id="doc-1"),
+                dataclasses.replace(SENT, ref_id="doc-2"),
+                dataclasses.replace(FAILED, ref_id="doc-3"),  # -124: no SMS for that
+            ],
+        )
+    script = tmp_path / "consumer.py"
+    script.write_text(_doc_consumer())
+    assert len(_doc_consumer().strip().splitlines()) <= 25
+    env = child_env(DATABASE_URL=database_url)
+    sender_db = tmp_path / "sender.db"
+
+    def run_until(cursor: str) -> None:
+        child = subprocess.Popen(
+            [str(BIN / "python"), str(script)], cwd=tmp_path, env=env, start_new_session=True
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                if sender_db.exists():
+                    with sqlite3.connect(sender_db) as db:
+                        row = (
+                            db.execute("SELECT cursor FROM feed").fetchone()
+                            if _has_feed(db)
+                            else None
+                        )
+                    if row and row[0] == cursor:
+                        return
+                time.sleep(0.2)
+            raise AssertionError("the consumer did not reach the end of the feed")
+        finally:
+            os.killpg(child.pid, signal.SIGKILL)  # the script and its esms-poller
+            child.wait(10)
+
+    run_until(str(events.read(engine, events.Cursor.parse(events.START))[-1].cursor))
+    with engine.begin() as conn:
+        store.merge_callbacks(conn, [dataclasses.replace(no_zalo, ref_id="doc-4")])
+    run_until(str(events.read(engine, events.Cursor.parse(events.START))[-1].cursor))
+    with sqlite3.connect(sender_db) as db:
+        fallback = db.execute("SELECT ref_id, error_code FROM sms_fallback ORDER BY 1").fetchall()
+    assert fallback == [("doc-1", -118), ("doc-4", -118)]
+
+
+def _has_feed(db: sqlite3.Connection) -> bool:
+    return db.execute("SELECT 1 FROM sqlite_master WHERE name = 'feed'").fetchone() is not None
