@@ -9,9 +9,9 @@ Labels carry account names, result codes, error kinds and states: never keys or 
 OAIds only on `esms_final_failures_total`, because a Zalo token that expired (-124) fails every
 message of one OA and nothing else shows which (an account has a handful of OAs, and the error
 codes are a short documented list, so the series stay few).
-The backlog gauges are read from Postgres by the scheduler tick (`refresh_backlog`) every
-`BACKLOG_REFRESH_SECONDS`, and the unpollable rows by its periodic check (`set_unpollable`), so a
-scrape costs no query.
+The backlog gauges (and the NOTIFY queue's usage) are read from Postgres by the scheduler tick
+(`refresh_backlog`) every `BACKLOG_REFRESH_SECONDS`, and the unpollable rows by its periodic
+check (`set_unpollable`), so a scrape costs no query.
 """
 
 from __future__ import annotations
@@ -92,6 +92,11 @@ COOLING_OFF = Gauge(
     "Cool-offs after the provider refused keys or an OA, as the last tick saw them: "
     "scope=account is 1 while the account is paused, scope=oa counts its paused OAs",
     ["account", "scope"],
+)
+NOTIFY_QUEUE_USAGE = Gauge(
+    "esms_notify_queue_usage",
+    "Fraction of Postgres's NOTIFY queue in use (pg_notification_queue_usage): it grows while "
+    "a listener of esms_message_final stops reading, and when full every poll's write fails",
 )
 WEBHOOK_POSTS = Counter(
     "esms_webhook_posts_total",
@@ -235,9 +240,11 @@ def refresh_backlog(engine: Engine, settings: Settings) -> None:
             if beat is None or beat.ticks % every != 1 % every:
                 return
             backlog = store.pending_backlog(conn, accounts)
+            queue_usage = store.notification_queue_usage(conn)
     except Exception as exc:  # noqa: BLE001 - a gauge must never fail the scheduler
         log.warning("metrics: backlog not refreshed: %s", type(exc).__name__)
         return
+    NOTIFY_QUEUE_USAGE.set(queue_usage)
     for account in accounts:
         pending, oldest = backlog.get(account, (0, 0.0))
         BACKLOG_PENDING.labels(account).set(pending)

@@ -1120,6 +1120,13 @@ _PENDING_BACKLOG = text(
 )
 
 
+def notification_queue_usage(conn: Connection) -> float:
+    """The fraction of Postgres's NOTIFY queue in use (0 to 1). A listener that stops reading
+    holds every notification after it in the queue; a full queue fails every transaction that
+    notifies, every poll's write among them."""
+    return conn.execute(text("SELECT pg_notification_queue_usage()")).scalar_one()
+
+
 def pending_backlog(conn: Connection, accounts: Sequence[str]) -> dict[str, tuple[int, float]]:
     """Per account: pending rows and the age in seconds of the oldest. One aggregate over the
     pending rows (about 0.15 s at a million of them), so callers run it every few seconds."""
