@@ -678,10 +678,7 @@ def events(
         raise OperatorError(str(bad)) from None
     out = sys.stdout
     try:
-        if follow:
-            stream = feed.follow(engine, after)
-        else:
-            stream = iter(feed.read(engine, after, limit=1_000_000))
+        stream = feed.follow(engine, after) if follow else feed.until_now(engine, after)
         for event in stream:
             # One write and a flush per line: a consumer killed at any moment leaves whole
             # lines, the last of which holds the cursor to resume from.

@@ -104,6 +104,13 @@ def read(engine: Engine, after: Cursor, limit: int = 1000) -> list[Event]:
     return [Event(Cursor(int(xid), event_id), *rest) for xid, event_id, *rest in rows]
 
 
+def until_now(engine: Engine, after: Cursor, limit: int = 1000) -> Iterator[Event]:
+    """Every event after `after` that can be delivered now, read `limit` at a time."""
+    while batch := read(engine, after, limit):
+        yield from batch
+        after = batch[-1].cursor
+
+
 def end(engine: Engine) -> Cursor:
     """The cursor after the last event that can be delivered now."""
     with store.single_statements(engine) as conn:
