@@ -27,6 +27,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.dialects.postgresql.base import ischema_names
 from sqlalchemy.types import UserDefinedType
 
 metadata = MetaData()
@@ -148,6 +149,10 @@ class Xid8(UserDefinedType):
 
     def get_col_spec(self, **_kwargs) -> str:
         return "xid8"
+
+
+# So that reflecting the schema (the migration test) knows the type too.
+ischema_names.setdefault("xid8", Xid8)
 
 
 # One row per message made final (poll, push, expiry), written in the statement that made it
