@@ -24,8 +24,9 @@ from sqlalchemy import text
 
 from tests.conftest import TEST_API_KEY, TEST_SECRET_KEY
 from tests.integration.test_e2e import daemon_env
+from tests.integration.test_metrics import scrape, total
 from tests.integration.test_receiver import start_receiver
-from tests.processes import BIN, celery, start_emulator, wait_for
+from tests.processes import BIN, celery, free_port, start_emulator, wait_for
 from worker import events
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
@@ -104,7 +105,14 @@ def _run(engine, database_url, redis_url, children, tmp_path, emulator, rows, or
         conn.execute(text("INSERT INTO messages (ref_id, oa_id) VALUES (:ref_id, :oa_id)"), rows)
         conn.execute(text("INSERT INTO messages (ref_id, oa_id) VALUES (:ref_id, :oa_id)"), orphans)
 
-    env = daemon_env(database_url, redis_url, emulator.url, MESSAGE_MAX_AGE_SECONDS="15")
+    metrics_port = free_port()
+    env = daemon_env(
+        database_url,
+        redis_url,
+        emulator.url,
+        MESSAGE_MAX_AGE_SECONDS="15",
+        METRICS_PORT=str(metrics_port),
+    )
     out = tmp_path / "consumer.jsonl"
     consumer = start_consumer(env, out, events.START)
     celery(children, "worker", env)
@@ -116,16 +124,16 @@ def _run(engine, database_url, redis_url, children, tmp_path, emulator, rows, or
                 text("SELECT count(*) FROM messages WHERE state <> 'pending'")
             ).scalar()
 
-    total = len(rows) + len(orphans)
+    expected = len(rows) + len(orphans)
     try:
-        wait_for(lambda: final_count() >= total * 0.4, timeout=120, message="40% final")
+        wait_for(lambda: final_count() >= expected * 0.4, timeout=120, message="40% final")
     finally:
         consumer.send_signal(signal.SIGKILL)
         consumer.wait(10)
     killed_at_lines = len(out.read_bytes().splitlines())
     consumer = start_consumer(env, out, last_cursor(out))
     try:
-        wait_for(lambda: final_count() == total, timeout=180, message="every message final")
+        wait_for(lambda: final_count() == expected, timeout=180, message="every message final")
         with engine.begin() as conn:
             feed = conn.execute(
                 text(
@@ -139,6 +147,7 @@ def _run(engine, database_url, redis_url, children, tmp_path, emulator, rows, or
             message="the consumer printed every event",
         )
         time.sleep(1.5)  # anything more it would print (a duplicate) would come now
+        samples = scrape(f"http://127.0.0.1:{metrics_port}/metrics")
     finally:
         consumer.send_signal(signal.SIGKILL)
         consumer.wait(10)
@@ -152,6 +161,26 @@ def _run(engine, database_url, redis_url, children, tmp_path, emulator, rows, or
     last_event = {ref_id: state for _, ref_id, state, _, _ in sorted(feed, key=_feed_order)}
     assert last_event == finals
     assert {source for _, _, _, source, _ in feed} == {"poll", "push", "expiry"}
+
+    # The worker counted each failure its polls made, by OA and error code.
+    failures = {
+        dict(labels)["oa_id"]: value
+        for (name, labels), value in samples.items()
+        if name == "esms_final_failures_total"
+    }
+    assert failures and set(failures) <= set(OAS)
+    polled_failures = sum(
+        1 for _, _, state, source, _ in feed if source == "poll" and state in ("failed", "rejected")
+    )
+    assert total(samples, "esms_final_failures_total") == polled_failures
+    assert any(
+        dict(labels)["error_code"] != "none"
+        for (name, labels) in samples
+        if name == "esms_final_failures_total"
+    )
+    assert total(samples, "esms_refids_polled_total", account="default") >= len(rows) / 2
+    assert time.time() - total(samples, "esms_scheduler_last_tick_timestamp_seconds") < 10
+    assert 0 <= total(samples, "esms_notify_queue_usage") < 0.01
 
     # The listener heard every event, p99 within 1 s of its transaction's start.
     began = {(ref_id, state): at for _, ref_id, state, _, at in feed}
