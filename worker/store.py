@@ -838,9 +838,10 @@ def known_ref_ids(conn: Connection, ref_ids: Sequence[str]) -> set[str]:
 # and no transaction can still write one below it. That is the smallest transaction id still
 # running in this database as the statement's snapshot sees it (its xip list), or the snapshot's
 # xmax (every later transaction gets a larger id). Transactions running in other databases of the
-# cluster cannot write here: those that pg_stat_activity names are left out, so a long
-# transaction elsewhere does not hold the feed back (a role that may not see other users'
-# backend_xid sees NULL there, and then waits for them too: never wrong, only later).
+# cluster cannot write here: those that pg_stat_activity names are left out (it shows every
+# session's database and backend_xid to every role), so a long transaction elsewhere does not
+# hold the feed back. One that ended after the snapshot is not named, and is waited for: a
+# horizon that is too low is never wrong, only later.
 _FEED_HORIZON = """
     SELECT COALESCE(
         (SELECT min(x) FROM pg_snapshot_xip(pg_current_snapshot()) AS x
