@@ -30,6 +30,9 @@ Worlds (`--scenario`, or `all`):
 
     .venv/bin/python bench/throughput.py --scenario one
     .venv/bin/python bench/throughput.py --scenario all      # every world, ~7 minutes
+    .venv/bin/python bench/throughput.py --scenario one --webhook   # with FINAL_WEBHOOK_URL set
+
+BENCH_DATABASE (default esms_bench) and BENCH_REDIS_URL name the databases it uses.
 
 Results are printed and written as JSON to bench/results/.
 """
@@ -69,7 +72,8 @@ from tests.processes import (  # noqa: E402
 from worker.emulator.ratelimit import max_in_window  # noqa: E402
 
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/11")
-DATABASE = "esms_bench"
+# Two people benchmarking on one server give each run its own database and Redis database.
+DATABASE = os.environ.get("BENCH_DATABASE", "esms_bench")
 RATE_LIMIT = 20
 BATCH = 200
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -266,8 +270,44 @@ def start_hogs(children: Children, count: int = 2) -> None:
 # --- one run -----------------------------------------------------------------------------------
 
 
+class WebhookSink:
+    """With --webhook: a loopback HTTP server that answers 204 to every POST and counts the
+    final-status events posted to it (worker.webhook)."""
+
+    def __init__(self) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.events = 0
+        self.posts = 0
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - the http.server name
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                sink.events += len(json.loads(body)["events"])
+                sink.posts += 1
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 def run(
-    name: str, scenario: Scenario, backlog: int, final_rows: int, dump_log: str | None = None
+    name: str,
+    scenario: Scenario,
+    backlog: int,
+    final_rows: int,
+    dump_log: str | None = None,
+    webhook: bool = False,
 ) -> dict:
     import redis
 
@@ -305,6 +345,9 @@ def run(
                 ESMS_SECRET_KEY=default_secret,
                 ESMS_ACCOUNTS=json.dumps(others),
             )
+            sink = WebhookSink() if webhook else None
+            if sink is not None:
+                env.update(FINAL_WEBHOOK_URL=sink.url, FINAL_WEBHOOK_SECRET="bench-webhook-secret")
             if scenario.hog:
                 start_hogs(children)
             celery_bin = str(Path(sys.executable).parent / "celery")
@@ -350,8 +393,14 @@ def run(
             for worker in workers:
                 if worker.proc.poll() is not None:
                     raise RuntimeError(f"worker exited: {worker.log()[-3000:]}")
+            if sink is not None:
+                wanted = backlog * scenario.busy
+                wait_for(lambda: sink.events >= wanted, timeout=300, message="webhook caught up")
+                webhook_done = time.time()
         finally:
             children.stop_all()
+            if sink is not None:
+                sink.close()
     drop_database(DATABASE)
 
     peak_pss = max(s[3] for s in sampler.samples) / 1024
@@ -406,6 +455,10 @@ def run(
             "worker_cpu_s_total": round(end_sample[1], 1),
         }
     )
+    if sink is not None:
+        result["webhook_events"] = sink.events
+        result["webhook_posts"] = sink.posts
+        result["webhook_caught_up_after_drain_s"] = round(webhook_done - drained, 1)
     if refused:
         last_refusal = max(refused)
         settled = [e["t"] for e in log if e["t"] > last_refusal + 1]
@@ -428,13 +481,20 @@ def main() -> None:
     parser.add_argument("--backlog", type=int, default=100_000, help="pending messages per account")
     parser.add_argument("--final-rows", type=int, default=1_000_000)
     parser.add_argument("--dump-log", help="write the emulator's request log (JSON) here")
+    parser.add_argument(
+        "--webhook",
+        action="store_true",
+        help="also post every final-status event to a loopback sink (FINAL_WEBHOOK_URL)",
+    )
     args = parser.parse_args()
     names = list(SCENARIOS) if args.scenario == "all" else [args.scenario]
     results = []
     out = ROOT / "bench" / "results"
     out.mkdir(exist_ok=True)
     for name in names:
-        result = run(name, SCENARIOS[name], args.backlog, args.final_rows, args.dump_log)
+        result = run(
+            name, SCENARIOS[name], args.backlog, args.final_rows, args.dump_log, args.webhook
+        )
         print(json.dumps(result, indent=2), flush=True)
         results.append(result)
         (out / f"throughput-{name}-{int(time.time())}.json").write_text(

@@ -65,7 +65,8 @@ def engine(session_engine: Engine) -> Engine:
         conn.execute(
             text(
                 "TRUNCATE messages, poll_batches, message_history, scheduler_heartbeat, "
-                "message_count_deltas, message_totals, resolved_hourly_counts"
+                "message_count_deltas, message_totals, resolved_hourly_counts, "
+                "message_events, feed_cursors"
             )
         )
     return session_engine

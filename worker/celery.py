@@ -70,6 +70,21 @@ class RedisTransport(kombu_redis.Transport):
 
 _broker_url = settings.redis_url.get_secret_value()
 
+# With FINAL_WEBHOOK_URL, beat queues a webhook run every second; a run that finds another one
+# running, or a backoff after a failed POST, does nothing (worker.webhook), so runs that waited
+# in the queue while the workers were away cost a read each. (No `expires`, for the reason
+# given at the scheduling tick below.)
+_WEBHOOK_SCHEDULE = (
+    {
+        "post-final-events": {
+            "task": "esms.webhook",
+            "schedule": timedelta(seconds=1),
+        }
+    }
+    if settings.final_webhook_url
+    else {}
+)
+
 app = Celery("worker", include=["worker.tasks"])
 app.conf.update(
     broker_url=_broker_url,
@@ -92,11 +107,14 @@ app.conf.update(
     },
     # Scheduling ticks get a queue of their own: behind a queue full of polls that wait for
     # their rate slot, a tick would come too late to refill the pipeline before it runs dry.
-    task_queues=[Queue("esms.schedule"), Queue("esms")],
+    # The webhook's runs too, so that they never wait behind polls nor polls behind them; a run
+    # holds one greenlet of the pool (worker.webhook: one at a time).
+    task_queues=[Queue("esms.schedule"), Queue("esms.webhook"), Queue("esms")],
     task_default_queue="esms",
     task_routes={
         "esms.schedule": {"queue": "esms.schedule"},
         "esms.upkeep": {"queue": "esms.schedule"},
+        "esms.webhook": {"queue": "esms.webhook"},
     },
     task_serializer="json",
     accept_content=["json"],
@@ -134,6 +152,7 @@ app.conf.update(
             "task": "esms.upkeep",
             "schedule": timedelta(seconds=UPKEEP_SECONDS),
         },
+        **_WEBHOOK_SCHEDULE,
     },
 )
 

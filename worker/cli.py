@@ -1,5 +1,5 @@
 """The operator's command line, `esms-poller`: track, status, show, repoll, recount, check-accounts,
-and the emulator and demo under one name.
+events (the final-status feed), and the emulator and demo under one name.
 
 Every command reads `Settings()` (environment and `.env`) like the daemon does, and every SQL
 statement it runs is in `worker.store`. What an operator can fix — unreadable settings, a
@@ -13,6 +13,7 @@ commands operators run often (`status`) do not pay for loading them.
 from __future__ import annotations
 
 import csv
+import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from decimal import Decimal
 from typing import TYPE_CHECKING, Annotated, Any
 
 import click
+import orjson
+import psycopg
 import typer
 from pydantic import ValidationError
 from pydantic_settings import SettingsError
@@ -34,6 +37,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from typer.core import TyperGroup
 
+from worker import events as feed
 from worker import store
 from worker.settings import DEFAULT_ACCOUNT, MAX_LIMITER_WAIT_SECONDS, Account, Settings
 
@@ -672,6 +676,44 @@ def check_accounts(
         console.print(Text(f"note: {note}", "dim"))
     if any(check.result != "ok" for check in checks):
         raise typer.Exit(1)
+
+
+# --- events -----------------------------------------------------------------------------------
+
+
+@app.command()
+def events(
+    ctx: typer.Context,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing new events until killed.")
+    ] = False,
+    since: Annotated[
+        str,
+        typer.Option(
+            help="Start after this cursor (the `cursor` of the last event you kept); "
+            "'end' for only events still to come."
+        ),
+    ] = feed.START,
+) -> None:
+    """Print the final-status feed (worker.events), one JSON line per message made final."""
+    engine = _engine(ctx)
+    try:
+        after = feed.end(engine) if since == "end" else feed.Cursor.parse(since)
+    except feed.BadCursor as bad:
+        raise OperatorError(str(bad)) from None
+    out = sys.stdout
+    try:
+        stream = feed.follow(engine, after) if follow else feed.until_now(engine, after)
+        for event in stream:
+            # One write and a flush per line: a consumer killed at any moment leaves whole
+            # lines, the last of which holds the cursor to resume from.
+            out.write(orjson.dumps(event.as_json()).decode() + "\n")
+            out.flush()
+    except (KeyboardInterrupt, BrokenPipeError):
+        pass
+    except psycopg.OperationalError as lost:
+        # The LISTEN connection is psycopg's own, outside SQLAlchemy's error handling.
+        raise OperatorError(f"lost the database connection: {_first_line(lost)}") from None
 
 
 # --- the emulator and the demo ----------------------------------------------------------------

@@ -42,6 +42,8 @@ def secrets_of(settings: Settings) -> list[str]:
             pass
     if settings.push_token is not None:
         found.append(settings.push_token.get_secret_value())
+    if settings.final_webhook_secret is not None:
+        found.append(settings.final_webhook_secret.get_secret_value())
     return sorted({s for s in found if len(s) >= _MIN_SECRET_LENGTH}, key=len, reverse=True)
 
 

@@ -5,10 +5,13 @@ pool, worker.green), so the counters live in that process's default registry and
 answers `http://METRICS_HOST:METRICS_PORT/metrics` from a thread of it. `METRICS_PORT=0` turns
 the endpoint off.
 
-Labels carry account names, result codes, error kinds and states: never keys, OAIds or RefIds.
-The backlog gauges are read from Postgres by the scheduler tick (`refresh_backlog`) every
-`BACKLOG_REFRESH_SECONDS`, and the unpollable rows by its periodic check (`set_unpollable`), so a
-scrape costs no query.
+Labels carry account names, result codes, error kinds and states: never keys or RefIds, and
+OAIds only on `esms_final_failures_total`, because a Zalo token that expired (-124) fails every
+message of one OA and nothing else shows which (an account has a handful of OAs, and the error
+codes are a short documented list, so the series stay few).
+The backlog gauges (and the NOTIFY queue's usage) are read from Postgres by the scheduler tick
+(`refresh_backlog`) every `BACKLOG_REFRESH_SECONDS`, and the unpollable rows by its periodic
+check (`set_unpollable`), so a scrape costs no query.
 """
 
 from __future__ import annotations
@@ -67,6 +70,42 @@ RESOLVED = Counter(
     "esms_resolved_total",
     "RefIds that reached a final state (sent, failed, rejected by polls; expired by age)",
     ["state"],
+)
+FINAL_FAILURES = Counter(
+    "esms_final_failures_total",
+    "Messages a poll made failed or rejected, by account, OA, state and error code (the code "
+    "of the ErrorInfo, 'none' without one): -124 on one OA is its Zalo token",
+    ["account", "oa_id", "state", "error_code"],
+)
+REFIDS_POLLED = Counter(
+    "esms_refids_polled_total",
+    "RefIds carried by GetCallback requests that were answered",
+    ["account"],
+)
+SCHEDULER_LAST_TICK = Gauge(
+    "esms_scheduler_last_tick_timestamp_seconds",
+    "Unix time of the last scheduler tick this worker ran (beat's heartbeat: it stops moving "
+    "when beat stops)",
+)
+COOLING_OFF = Gauge(
+    "esms_cooling_off",
+    "Cool-offs after the provider refused keys or an OA, as the last tick saw them: "
+    "scope=account is 1 while the account is paused, scope=oa counts its paused OAs",
+    ["account", "scope"],
+)
+NOTIFY_QUEUE_USAGE = Gauge(
+    "esms_notify_queue_usage",
+    "Fraction of Postgres's NOTIFY queue in use (pg_notification_queue_usage): it grows while "
+    "a listener of esms_message_final stops reading, and when full every poll's write fails",
+)
+WEBHOOK_POSTS = Counter(
+    "esms_webhook_posts_total",
+    "POSTs of final-status events to FINAL_WEBHOOK_URL by result: ok (2xx), http_<status>, "
+    "timeout or unreachable",
+    ["result"],
+)
+WEBHOOK_EVENTS = Counter(
+    "esms_webhook_events_total", "Final-status events the webhook's receiver accepted"
 )
 BATCHES = Counter(
     "esms_batches_total",
@@ -201,10 +240,26 @@ def refresh_backlog(engine: Engine, settings: Settings) -> None:
             if beat is None or beat.ticks % every != 1 % every:
                 return
             backlog = store.pending_backlog(conn, accounts)
+            queue_usage = store.notification_queue_usage(conn)
     except Exception as exc:  # noqa: BLE001 - a gauge must never fail the scheduler
         log.warning("metrics: backlog not refreshed: %s", type(exc).__name__)
         return
+    NOTIFY_QUEUE_USAGE.set(queue_usage)
     for account in accounts:
         pending, oldest = backlog.get(account, (0, 0.0))
         BACKLOG_PENDING.labels(account).set(pending)
         BACKLOG_OLDEST_AGE.labels(account).set(max(0.0, oldest))
+
+
+def count_failures(failures: dict[store.Failure, int]) -> None:
+    """Count the messages a write made failed or rejected (store.Completed.failures)."""
+    for failure, count in failures.items():
+        code = "none" if failure.error_code is None else str(failure.error_code)
+        FINAL_FAILURES.labels(failure.account, failure.oa_id, failure.state, code).inc(count)
+
+
+def set_cooling_off(accounts: Iterable[str], paused: set[str], paused_oas: dict[str, list]) -> None:
+    """Set `esms_cooling_off` from one tick's view of the cool-offs (worker.cooloff)."""
+    for account in accounts:
+        COOLING_OFF.labels(account, "account").set(1 if account in paused else 0)
+        COOLING_OFF.labels(account, "oa").set(len(paused_oas.get(account, ())))

@@ -6,7 +6,8 @@ due work costs the same beside ten million final rows as beside none; the two on
 (migration 0008) serve the operator's reads, and the count tables spare them counting the table.
 `poll_batches` holds the leases: one row per in-flight GetCallback request, with the RefIds it
 carries and when its claim runs out. `message_history` records every change of a message,
-append-only. Queries live in `worker.store`, not here.
+append-only. `message_events` holds one row per message made final, the feed a sending system
+follows (worker.events). Queries live in `worker.store`, not here.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.dialects.postgresql.base import ischema_names
+from sqlalchemy.types import UserDefinedType
 
 metadata = MetaData()
 
@@ -205,4 +208,51 @@ poll_batches = Table(
         "parked_for",
         postgresql_where=text("parked_for IS NOT NULL"),
     ),
+)
+
+
+class Xid8(UserDefinedType):
+    """Postgres's 64-bit transaction id (`pg_current_xact_id()`); SQLAlchemy has no such type."""
+
+    cache_ok = True
+
+    def get_col_spec(self, **_kwargs) -> str:
+        return "xid8"
+
+
+# So that reflecting the schema (the migration test) knows the type too.
+ischema_names.setdefault("xid8", Xid8)
+
+
+# One row per message made final (poll, push, expiry), written in the statement that made it
+# final; read in (xid, id) order below the reader's snapshot xmin (worker.events, migration 0009,
+# which also adds the trigger that announces each row on channel esms_message_final).
+message_events = Table(
+    "message_events",
+    metadata,
+    Column("xid", Xid8, primary_key=True, server_default=text("pg_current_xact_id()")),
+    Column("id", BigInteger, Identity(always=True), primary_key=True),
+    Column("at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
+    Column("ref_id", Text, nullable=False),
+    Column("account", Text, nullable=False),
+    Column("oa_id", Text, nullable=False),
+    # poll, push, expiry
+    Column("source", Text, nullable=False),
+    Column("state", Text, nullable=False),
+    Column("send_status", Integer),
+    Column("error_code", Integer),
+    Column("total_price", Numeric),
+    # BRIN: the table is append-only in time order, and a B-tree entry per event would cost the
+    # poll's write more than finding old events for a prune is worth.
+    Index("message_events_at_idx", "at", postgresql_using="brin"),
+)
+
+# Where a reader inside the daemon keeps its place in the feed (the webhook's is `webhook`).
+feed_cursors = Table(
+    "feed_cursors",
+    metadata,
+    Column("name", Text, primary_key=True),
+    Column("xid", Xid8, nullable=False),
+    Column("id", BigInteger, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=text("now()")),
 )

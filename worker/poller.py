@@ -137,6 +137,8 @@ def poll_batch(
     # Counted after the commit: a write that failed resolved nothing.
     for state, count in completed.resolved.items():
         metrics.RESOLVED.labels(state).inc(count)
+    metrics.count_failures(completed.failures)
+    metrics.REFIDS_POLLED.labels(batch.account).inc(size)
     metrics.BATCHES.labels(Outcome.DONE).inc()
     log.info(
         "account=%s oa=%s size=%d duration=%.3fs: %d items, %d rows changed",

@@ -20,9 +20,11 @@ with an unreadable body; 404 for a wrong or missing token and for every other pa
 when the database cannot be written. A transaction that loses a deadlock or a serialization
 failure to another writer (a poll's write) is run again a few times before that 503, because
 eSMS does not send a push again after an answer. Each outcome is counted, and so are the rows the
-pushes made final, by state; `GET /stats` shows the counters. `GET /healthz` answers "ok" when
-the database answers `SELECT 1` (checked at most once a second, however many probes), 503 with
-the reason when not. The access log stays off: every URL carries the token and a phone number.
+pushes made final, by state; `GET /stats` shows the counters, `GET /metrics` the same for
+Prometheus (`esms_receiver_pushes_total{outcome}`, `esms_receiver_resolved_total{state}`).
+`GET /healthz` answers "ok" when the database answers `SELECT 1` (checked at most once a second,
+however many probes), 503 with the reason when not. The access log stays off: every URL carries
+the token and a phone number.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from enum import StrEnum
 from types import FrameType
 from typing import Any
@@ -53,6 +55,8 @@ from urllib.parse import parse_qsl
 
 import anyio.to_thread
 import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -425,6 +429,12 @@ def create_app(
     async def show_stats(request: Request) -> Response:
         return JSONResponse(stats.as_dict())
 
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_StatsCollector(stats))
+
+    async def show_metrics(request: Request) -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
     async def refused(request: Request, error: Exception) -> Response:
         # Unknown paths and methods look alike to a caller: there is nothing here.
         stats.add("not_found")
@@ -441,6 +451,7 @@ def create_app(
             Route(CALLBACK_PATH, callback, methods=["GET", "POST"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/stats", show_stats, methods=["GET"]),
+            Route("/metrics", show_metrics, methods=["GET"]),
         ],
         exception_handlers={HTTPException: refused},
         lifespan=lifespan,
@@ -449,6 +460,36 @@ def create_app(
     app.router.redirect_slashes = False
     app.state.stats = stats
     return app
+
+
+class _StatsCollector:
+    """The receiver's counters (`/stats`, every process summed) in Prometheus's format: pushes
+    by outcome, and the rows pushes made final, by state."""
+
+    def __init__(self, stats: PushStats) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        values = self._stats.as_dict()
+        pushes = CounterMetricFamily(
+            "esms_receiver_pushes",
+            "Pushes answered, by outcome (db_unavailable: answered 503, the database could not "
+            "be written)",
+            labels=["outcome"],
+        )
+        resolved = CounterMetricFamily(
+            "esms_receiver_resolved", "Rows pushes made final, by state", labels=["state"]
+        )
+        for name, value in values.items():
+            if name.startswith("resolved_"):
+                resolved.add_metric([name.removeprefix("resolved_")], value)
+            elif name != "changed":
+                pushes.add_metric([name], value)
+        changed = CounterMetricFamily(
+            "esms_receiver_rows_changed", "Rows the accepted pushes moved forward"
+        )
+        changed.add_metric([], values["changed"])
+        yield from (pushes, resolved, changed)
 
 
 def _not_found() -> Response:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+import httpx
 import redis
 from sqlalchemy import Engine
 
@@ -54,6 +55,12 @@ def redis_client() -> redis.Redis:
         health_check_interval=30,
     )
     return redis.Redis(connection_pool=pool)
+
+
+@lru_cache(maxsize=1)
+def webhook_client() -> httpx.Client:
+    # One POST at a time (worker.webhook); no redirects, which could carry the body elsewhere.
+    return httpx.Client(limits=httpx.Limits(max_connections=1), follow_redirects=False)
 
 
 @lru_cache(maxsize=1)

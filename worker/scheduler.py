@@ -106,8 +106,10 @@ def schedule_tick(
     skip_oas: dict[str, list[str]] = {}
     if cooloffs is not None:
         paused = cooloffs.paused([account_scope(name) for name in accounts])
-        accounts = [name for name in accounts if account_scope(name) not in paused]
+        paused_accounts = {name for name in accounts if account_scope(name) in paused}
         skip_oas = {name: cooloffs.paused_oas(name) for name in accounts}
+        metrics.set_cooling_off(accounts, paused_accounts, skip_oas)
+        accounts = [name for name in accounts if name not in paused_accounts]
     with engine.begin() as conn:
         if not store.try_scheduler_lock(conn):
             report.skipped = True
@@ -144,6 +146,7 @@ def schedule_tick(
             per_account.append(batches)
         report.batches = interleave_accounts(per_account)
     metrics.TICKS.labels("run").inc()
+    metrics.SCHEDULER_LAST_TICK.set_to_current_time()
     if report.expired:
         metrics.RESOLVED.labels("expired").inc(report.expired)
     for batch in report.batches:

@@ -141,6 +141,15 @@ class Settings(BaseSettings):
     receiver_host: str = "127.0.0.1"
     receiver_port: int = Field(8098, ge=0, le=65535)
 
+    # The outbound webhook (worker.webhook, docs/integration.md): every final-status event is
+    # POSTed here as JSON, signed with HMAC-SHA256 of FINAL_WEBHOOK_SECRET; unset, nothing is
+    # posted. A failed POST is retried after a backoff that doubles up to the maximum.
+    final_webhook_url: str | None = None
+    final_webhook_secret: SecretStr | None = None
+    final_webhook_batch_size: int = Field(100, ge=1, le=1000)
+    final_webhook_timeout_seconds: float = Field(10, gt=0)
+    final_webhook_max_backoff_seconds: float = Field(60, gt=0)
+
     @field_validator("esms_base_url")
     @classmethod
     def _strip_slash(cls, value: str) -> str:
@@ -155,6 +164,8 @@ class Settings(BaseSettings):
                 f"LEASE_SECONDS must exceed {self.lease_min_remaining_seconds:.0f}: the rate-slot "
                 "wait, ESMS_TIMEOUT_SECONDS and the write must fit in one lease"
             )
+        if self.final_webhook_url and self.final_webhook_secret is None:
+            raise ValueError("FINAL_WEBHOOK_URL needs FINAL_WEBHOOK_SECRET to sign its posts")
         if (self.esms_api_key is None) != (self.esms_secret_key is None):
             raise ValueError("set both ESMS_API_KEY and ESMS_SECRET_KEY, or neither")
         if self.esms_api_key is not None and DEFAULT_ACCOUNT in self.esms_accounts:

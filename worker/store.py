@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from datetime import timedelta
 from typing import TYPE_CHECKING
 
@@ -200,7 +200,12 @@ _EXPIRE_OLD = text(
             "SELECT account, oa_id, zns_temp_id, 'expired' AS state, error_code, resolved_at, "
             "total_price, 1 AS n FROM expired"
         )
-    })
+    }), events AS (
+        INSERT INTO message_events (ref_id, account, oa_id, source, state, send_status,
+                                    error_code, total_price)
+        SELECT ref_id, account, oa_id, 'expiry', 'expired', send_status, error_code, total_price
+        FROM expired
+    )
     INSERT INTO message_history (ref_id, source, old_state, new_state, old_send_status,
                                  new_send_status)
     SELECT ref_id, 'expiry', 'pending', 'expired', send_status, send_status FROM expired
@@ -548,13 +553,26 @@ def load_batch(conn: Connection, batch_id: uuid.UUID, min_remaining_seconds: flo
 
 
 @dataclass(frozen=True)
+class Failure:
+    """Messages made failed or rejected, counted per account, OA, state and error code (the
+    `esms_final_failures_total` metric: a spike of -124 on one OA is its expired Zalo token)."""
+
+    account: str
+    oa_id: str
+    state: str
+    error_code: int | None
+
+
+@dataclass(frozen=True)
 class Completed:
-    """What finishing a batch did: rows whose data changed, rows made final by state, and rows of
-    the lease the provider answered for the first time (evidence that it knows its RefIds)."""
+    """What finishing a batch did: rows whose data changed, rows made final by state, rows of
+    the lease the provider answered for the first time (evidence that it knows its RefIds), and
+    the rows made failed or rejected by account, OA and error code."""
 
     changed: int
     resolved: dict[str, int]
     first_answers: int = 0
+    failures: dict[Failure, int] = field(default_factory=dict)
 
 
 def complete_batch(
@@ -758,6 +776,14 @@ _APPLY_REPORTS = text(
                   m.account, m.oa_id, m.zns_temp_id, m.total_price, m.resolved_at,
                   x.old_zns_temp_id, x.old_error_code, x.old_total_price, x.old_resolved_at
     ), counted AS ({_COUNT_MERGED}
+    ), events AS (
+        -- The final-status feed (worker.events): one row per message this statement made final.
+        INSERT INTO message_events (ref_id, account, oa_id, source, state, send_status,
+                                    error_code, total_price)
+        SELECT ref_id, account, oa_id, :source, new_state, new_send_status, error_code,
+               total_price
+        FROM changed
+        WHERE apply AND new_state IN ({_FINAL_LIST}) AND new_state <> old_state
     ), history AS (
         INSERT INTO message_history (ref_id, source, batch_id, old_state, new_state,
                                      old_send_status, new_send_status, error_code)
@@ -774,7 +800,11 @@ _APPLY_REPORTS = text(
             f"count(*) FILTER (WHERE apply AND new_state = '{state}')"
             for state in _POLL_FINAL_STATES
         )
-    }
+    },
+           (SELECT json_agg(json_build_array(account, oa_id, new_state, error_code, n))
+            FROM (SELECT account, oa_id, new_state, error_code, count(*) AS n FROM changed
+                  WHERE apply AND new_state IN ('failed', 'rejected') AND new_state <> old_state
+                  GROUP BY 1, 2, 3, 4) AS f)
     FROM changed
     """
 )
@@ -799,11 +829,15 @@ def _apply_reports(
         "max_interval": settings.poll_max_interval_seconds if settings else 0,
         "max_age": settings.message_max_age_seconds if settings else 0,
     }
-    first_answers, changed, *by_state = conn.execute(_APPLY_REPORTS, params).one()
+    first_answers, changed, *by_state, failures = conn.execute(_APPLY_REPORTS, params).one()
     resolved = {
         state: count for state, count in zip(_POLL_FINAL_STATES, by_state, strict=True) if count
     }
-    return Completed(changed, resolved, first_answers)
+    failed = {
+        Failure(account, oa_id, state, error_code): count
+        for account, oa_id, state, error_code, count in failures or ()
+    }
+    return Completed(changed, resolved, first_answers, failed)
 
 
 def merge_callbacks(
@@ -857,6 +891,93 @@ def known_ref_ids(conn: Connection, ref_ids: Sequence[str]) -> set[str]:
     if not ref_ids:
         return set()
     return {ref_id for (ref_id,) in conn.execute(_KNOWN_REF_IDS, {"ref_ids": list(ref_ids)})}
+
+
+# --- the final-status feed (worker.events) ----------------------------------------------------
+
+# The feed's horizon: every event whose transaction id is below it is committed (or rolled back)
+# and no transaction can still write one below it. That is the smallest transaction id still
+# running in this database as the statement's snapshot sees it (its xip list), or the snapshot's
+# xmax (every later transaction gets a larger id). Transactions running in other databases of the
+# cluster cannot write here: those that pg_stat_activity names are left out (it shows every
+# session's database and backend_xid to every role), so a long transaction elsewhere does not
+# hold the feed back. One that ended after the snapshot is not named, and is waited for: a
+# horizon that is too low is never wrong, only later.
+_FEED_HORIZON = """
+    SELECT COALESCE(
+        (SELECT min(x) FROM pg_snapshot_xip(pg_current_snapshot()) AS x
+         WHERE NOT EXISTS (SELECT FROM pg_stat_activity AS a
+                           WHERE a.backend_xid = x::xid
+                             AND a.datname IS DISTINCT FROM current_database())),
+        pg_snapshot_xmax(pg_current_snapshot()))
+"""
+
+# Events after the cursor (:xid, :id) in (xid, id) order, below the horizon. worker.events says
+# why this order and not the identity's.
+_EVENTS_AFTER = text(
+    f"""
+    SELECT xid::text, id, at, ref_id, account, oa_id, source, state, send_status, error_code,
+           total_price::text
+    FROM message_events
+    WHERE (xid, id) > (CAST(:xid AS xid8), :id) AND xid < ({_FEED_HORIZON})
+    ORDER BY xid, id
+    LIMIT :limit
+    """
+)
+
+
+def events_after(conn: Connection, xid: int, event_id: int, limit: int) -> list[tuple]:
+    """Up to `limit` rows of `message_events` after the cursor (xid, id) that no running
+    transaction can precede any more, in feed order: (xid as text, id, at, ref_id, account,
+    oa_id, source, state, send_status, error_code, total_price as text)."""
+    params = {"xid": str(xid), "id": event_id, "limit": limit}
+    return [tuple(row) for row in conn.execute(_EVENTS_AFTER, params)]
+
+
+_FEED_END = text(
+    f"""
+    SELECT xid::text, id FROM message_events
+    WHERE xid < ({_FEED_HORIZON})
+    ORDER BY xid DESC, id DESC LIMIT 1
+    """
+)
+
+
+def feed_end(conn: Connection) -> tuple[int, int]:
+    """The cursor after the last event deliverable now, (0, 0) when there is none."""
+    row = conn.execute(_FEED_END).first()
+    return (int(row[0]), row[1]) if row else (0, 0)
+
+
+_CURSOR_OF = text("SELECT xid::text, id FROM feed_cursors WHERE name = :name")
+
+# Moves the cursor only from where the caller read it: a second deliverer that read the same
+# cursor finds it moved and learns it lost (False), instead of moving it back.
+_MOVE_CURSOR = text(
+    """
+    INSERT INTO feed_cursors AS c (name, xid, id) VALUES (:name, CAST(:xid AS xid8), :id)
+    ON CONFLICT (name) DO UPDATE SET xid = excluded.xid, id = excluded.id, updated_at = now()
+    WHERE (c.xid, c.id) = (CAST(:old_xid AS xid8), :old_id)
+    """
+)
+
+
+def cursor_of(conn: Connection, name: str) -> tuple[int, int]:
+    """Where the reader `name` stands in the feed; (0, 0), the start, if it never read."""
+    row = conn.execute(_CURSOR_OF, {"name": name}).first()
+    return (int(row[0]), row[1]) if row else (0, 0)
+
+
+def move_cursor(conn: Connection, name: str, old: tuple[int, int], new: tuple[int, int]) -> bool:
+    """Move the reader `name` from `old` to `new`; False if it was not at `old` any more."""
+    params = {
+        "name": name,
+        "xid": str(new[0]),
+        "id": new[1],
+        "old_xid": str(old[0]),
+        "old_id": old[1],
+    }
+    return conn.execute(_MOVE_CURSOR, params).rowcount == 1
 
 
 # --- operator tools (worker.cli) --------------------------------------------------------------
@@ -1077,6 +1198,13 @@ _PENDING_BACKLOG = text(
     GROUP BY account
     """
 )
+
+
+def notification_queue_usage(conn: Connection) -> float:
+    """The fraction of Postgres's NOTIFY queue in use (0 to 1). A listener that stops reading
+    holds every notification after it in the queue; a full queue fails every transaction that
+    notifies, every poll's write among them."""
+    return conn.execute(text("SELECT pg_notification_queue_usage()")).scalar_one()
 
 
 def pending_backlog(conn: Connection, accounts: Sequence[str]) -> dict[str, tuple[int, float]]:

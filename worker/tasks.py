@@ -2,8 +2,10 @@
 
 `esms.schedule` (run by beat every tick) claims and queues due batches; `esms.poll_batch` polls one
 batch; `esms.upkeep` (beat, every few seconds) folds the count deltas and prunes old rows
-(worker.upkeep). Task arguments name the batch, account, OAId and size — never credentials — so
-Flower and the broker show what is being polled and nothing secret.
+(worker.upkeep); `esms.webhook` (run by beat every second when FINAL_WEBHOOK_URL is set) posts the
+final-status events that are due (worker.webhook).
+Task arguments name the batch, account, OAId and size — never credentials — so Flower and
+the broker show what is being polled and nothing secret.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from collections.abc import Sequence
 
 from celery.signals import worker_ready
 
-from worker import fleet, metrics, poller, runtime, scheduler, upkeep
+from worker import fleet, metrics, poller, runtime, scheduler, upkeep, webhook
 from worker.celery import app
 from worker.settings import get_settings
 from worker.store import Batch
@@ -102,3 +104,15 @@ def upkeep_task() -> dict:
         "history_pruned": report.history_pruned,
         "messages_pruned": report.messages_pruned,
     }
+
+
+# A run posts for at most RUN_SECONDS, each POST within its timeout.
+_WEBHOOK_TIME_LIMIT = webhook.RUN_SECONDS + 3 * get_settings().final_webhook_timeout_seconds
+
+
+@app.task(name="esms.webhook", ignore_result=True, time_limit=_WEBHOOK_TIME_LIMIT)
+def post_final_events() -> dict:
+    done = webhook.deliver(
+        runtime.engine(), runtime.webhook_client(), runtime.redis_client(), get_settings()
+    )
+    return {"delivered": done.delivered, "posts": done.posts, "stopped": done.stopped}

@@ -383,7 +383,8 @@ def test_check_accounts_without_accounts(cli, engine):
 def test_every_command_has_help():
     group = typer.main.get_command(app)
     assert set(group.commands) == {
-        "track", "status", "show", "repoll", "recount", "check-accounts", "emulator", "demo"
+        "track", "status", "show", "repoll", "recount", "check-accounts", "events", "emulator",
+        "demo",
     }  # fmt: skip
     top = runner.invoke(app, ["--help"])
     assert top.exit_code == 0

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import pytest
 import redis
+from prometheus_client import REGISTRY
 from pydantic import SecretStr
 from sqlalchemy import text
 
@@ -165,11 +167,18 @@ def test_wrong_keys_change_no_data_and_pause_the_account(
     assert cooloffs.paused([account_scope("default")]) == {account_scope("default")}
     tick = scheduler.schedule_tick(engine, settings, lambda batches: None, cooloffs)
     assert tick.batches == []
+    # The tick shows the cool-off and its own time to Prometheus (docs/alerts.md).
+    paused = {"account": "default", "scope": "account"}
+    assert REGISTRY.get_sample_value("esms_cooling_off", paused) == 1
+    last_tick = REGISTRY.get_sample_value("esms_scheduler_last_tick_timestamp_seconds")
+    assert time.time() - last_tick < 5
     # Keys accepted again: the cool-off ends with the first good answer.
     cooloffs.clear(account_scope("default"))
     result = poll(["c3"])
     assert result.outcome is poller.Outcome.DONE
     assert cooloffs.paused([account_scope("default")]) == set()
+    scheduler.schedule_tick(engine, settings, lambda batches: None, cooloffs)
+    assert REGISTRY.get_sample_value("esms_cooling_off", paused) == 0
 
 
 def test_rate_limited_answer_cuts_the_shared_rate(poll, emulator, make_settings, caplog):

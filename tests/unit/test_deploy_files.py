@@ -66,3 +66,95 @@ def test_compose_runs_the_daemon_as_the_app_role_and_migrations_as_the_owner():
     assert "esms_owner:" in migrate_url
     assert "deploy/postgres-roles.sql" in services["db-roles"]
     assert "db-roles:\n        condition: service_completed_successfully" in services["migrate"]
+
+
+# --- monitoring: Prometheus, the alert rules and Grafana (docs/alerts.md) ----------------------
+
+_METRIC = re.compile(r"\besms_[a-z0-9_]+")
+# What Prometheus adds to a family's name in the samples it stores.
+_SAMPLE_SUFFIXES = ("_bucket", "_count", "_sum", "_created")
+
+
+def defined_metrics() -> set[str]:
+    """Every metric the code exports: the names given in worker/metrics.py and the receiver's
+    families, with the `_total` Prometheus adds to a counter's samples."""
+    names = set()
+    for module in ("metrics.py", "receiver.py"):
+        source = (ROOT / "worker" / module).read_text()
+        for kind, name in re.findall(
+            r"(Counter|Gauge|Histogram|CounterMetricFamily)\(\s*\"(esms_[a-z0-9_]+)\"", source
+        ):
+            names.add(name)
+            if kind in ("Counter", "CounterMetricFamily") and not name.endswith("_total"):
+                names.add(f"{name}_total")
+    return names
+
+
+def used_metrics(text: str) -> set[str]:
+    found = set()
+    for name in _METRIC.findall(text):
+        for suffix in _SAMPLE_SUFFIXES:
+            name = name.removesuffix(suffix)
+        found.add(name)
+    return found
+
+
+def test_alerts_and_dashboard_use_only_metrics_the_code_exports():
+    import json
+
+    yaml = pytest.importorskip("yaml")
+    exported = defined_metrics()
+    assert {"esms_requests_total", "esms_receiver_pushes_total"} <= exported
+    rules = yaml.safe_load((ROOT / "deploy" / "prometheus" / "alerts.yml").read_text())
+    exprs = " ".join(rule["expr"] for group in rules["groups"] for rule in group["rules"])
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "esms-callback-poller.json").read_text())
+    queries = " ".join(
+        target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])
+    )
+    assert used_metrics(exprs) - exported == set()
+    assert used_metrics(queries) - exported == set()
+    # The dashboard shows what the issue asked for.
+    for wanted in (
+        "esms_requests_total",
+        "esms_refids_polled_total",
+        "esms_backlog_pending",
+        "esms_backlog_oldest_pending_age_seconds",
+        "esms_resolved_total",
+        "esms_final_failures_total",
+        "esms_limiter_wait_seconds",
+        "esms_receiver_resolved_total",
+    ):
+        assert wanted in used_metrics(queries), wanted
+    assert all(
+        target["datasource"]["uid"] == "esms-prometheus"
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+    )
+
+
+def test_compose_provisions_prometheus_with_the_rules_and_grafana_with_the_dashboard():
+    yaml = pytest.importorskip("yaml")
+    services = yaml.safe_load(COMPOSE)["services"]
+    mounts = {}
+    for name in ("prometheus", "grafana"):
+        assert services[name]["profiles"] == ["monitoring"]
+        for volume in services[name]["volumes"]:
+            source, target, *_ = volume.split(":")
+            if source.startswith("./"):
+                assert (ROOT / source).exists(), source
+                mounts[target] = ROOT / source
+    config = yaml.safe_load(mounts["/etc/prometheus/prometheus.yml"].read_text())
+    assert config["rule_files"] == ["/etc/prometheus/alerts.yml"]
+    assert mounts["/etc/prometheus/alerts.yml"].name == "alerts.yml"
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    assert jobs["esms-worker"]["dns_sd_configs"][0]["port"] == 9808
+    assert jobs["esms-receiver"]["static_configs"][0]["targets"] == ["receiver:8098"]
+    # The workers listen where Prometheus looks for them.
+    assert str(services["worker"]["environment"]["METRICS_PORT"]) == "9808"
+    provisioning = mounts["/etc/grafana/provisioning"]
+    source = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())
+    assert source["datasources"][0]["uid"] == "esms-prometheus"
+    assert source["datasources"][0]["url"] == "http://prometheus:9090"
+    boards = yaml.safe_load((provisioning / "dashboards" / "esms.yml").read_text())
+    folder = boards["providers"][0]["options"]["path"]
+    assert any(target.startswith(folder + "/") for target in mounts), folder

@@ -15,8 +15,8 @@ ENV_EXAMPLE = Path(__file__).resolve().parents[2] / ".env.example"
 _LINE = re.compile(r"^# ([A-Z][A-Z0-9_]*)=(.*)$", re.M)
 # Settings without a fixed default: the example shows a typical value instead.
 _NO_FIXED_DEFAULT = {"WORKER_CONCURRENCY"}
-# Read by Flower (docker compose), not by the daemon.
-_NOT_DAEMON_SETTINGS = {"FLOWER_BASIC_AUTH"}
+# Read by Flower and Grafana (docker compose), not by the daemon.
+_NOT_DAEMON_SETTINGS = {"FLOWER_BASIC_AUTH", "GRAFANA_ADMIN_PASSWORD"}
 
 
 def _documented() -> dict[str, str]:

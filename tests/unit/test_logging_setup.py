@@ -79,11 +79,18 @@ def test_an_exception_stays_on_one_line_and_secrets_are_blanked_everywhere():
     assert "***" in entry["message"] and "***" in entry["reason"]
 
 
-def test_secrets_are_every_key_the_passwords_and_the_push_token():
-    found = secrets_of(settings(redis_url="redis://:redis-pass-9@r:6379/0", push_token="tok-12345"))
+def test_secrets_are_every_key_the_passwords_the_push_token_and_the_webhook_secret():
+    found = secrets_of(
+        settings(
+            redis_url="redis://:redis-pass-9@r:6379/0",
+            push_token="tok-12345",
+            final_webhook_url="https://sender.invalid/hook",
+            final_webhook_secret="hook-secret-77",
+        )
+    )
     assert set(found) == {
         API_KEY, SECRET_KEY, "shop-b-api-key", SHOP_SECRET, DB_PASSWORD, "redis-pass-9",
-        "tok-12345",
+        "tok-12345", "hook-secret-77",
     }  # fmt: skip
     assert secrets_of(settings(esms_api_key=None, esms_secret_key=None, esms_accounts={})) == [
         DB_PASSWORD
