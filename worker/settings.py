@@ -121,6 +121,9 @@ class Settings(BaseSettings):
     # its rows).
     history_retention_days: int = Field(30, ge=1)
     message_retention_days: int | None = Field(None, ge=1)
+    # The final-status feed (message_events) keeps EVENT_RETENTION_DAYS: how long a consumer or
+    # the webhook may fall behind and still get every event.
+    event_retention_days: int = Field(30, ge=1)
 
     # Tasks one `celery worker` runs at once (gevent greenlets); unset, see `pool_size`.
     worker_concurrency: int | None = Field(None, ge=1)

@@ -103,6 +103,7 @@ def upkeep_task() -> dict:
         "folded": report.folded,
         "history_pruned": report.history_pruned,
         "messages_pruned": report.messages_pruned,
+        "events_pruned": report.events_pruned,
     }
 
 

@@ -3,7 +3,8 @@
 One run, on whichever worker takes the task, under a session advisory lock (a second run at the
 same time returns at once): fold the count deltas the writers left into the count tables
 (`store.fold_counts`, docs/scale.md), then delete `message_history` rows older than
-`HISTORY_RETENTION_DAYS` and, when `MESSAGE_RETENTION_DAYS` is set, final messages resolved
+`HISTORY_RETENTION_DAYS`, final-status events (`message_events`) older than
+`EVENT_RETENTION_DAYS` and, when `MESSAGE_RETENTION_DAYS` is set, final messages resolved
 before that, oldest first, `PRUNE_BATCH` rows per statement, each statement its own transaction,
 until nothing is left to prune or `PRUNE_BUDGET_SECONDS` have passed. Small statements keep the
 locks and the WAL of each short, so the poller's writes never queue behind the pruning.
@@ -34,6 +35,7 @@ class UpkeepReport:
     folded: int = 0
     history_pruned: int = 0
     messages_pruned: int = 0
+    events_pruned: int = 0
 
 
 def _prune(
@@ -79,13 +81,18 @@ def run(
             report.history_pruned = _prune(
                 conn, lambda c: store.prune_history(c, days, batch), batch, deadline
             )
+            days = settings.event_retention_days
+            report.events_pruned = _prune(
+                conn, lambda c: store.prune_events(c, days, batch), batch, deadline
+            )
         finally:
             with conn.begin():
                 store.upkeep_unlock(conn)
-    if report.history_pruned or report.messages_pruned:
+    if report.history_pruned or report.messages_pruned or report.events_pruned:
         log.info(
-            "upkeep: pruned %d history rows and %d final messages past retention",
+            "upkeep: pruned %d history rows, %d final messages and %d events past retention",
             report.history_pruned,
             report.messages_pruned,
+            report.events_pruned,
         )
     return report

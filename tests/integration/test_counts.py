@@ -182,6 +182,25 @@ def test_history_retention_prunes_only_what_is_older(engine, make_settings):
     assert messages == 5
 
 
+def test_event_retention_prunes_only_what_is_older(engine, make_settings):
+    track(engine, *((f"e-{i}", "default", "oa-1") for i in range(5)))
+    merge(engine, *(sent(f"e-{i}", "10") for i in range(5)))
+    with engine.begin() as conn:
+        conn.execute(
+            text(
+                "UPDATE message_events SET at = now() - interval '31 days' "
+                "WHERE ref_id IN ('e-0', 'e-1', 'e-2')"
+            )
+        )
+    settings = make_settings()
+    assert settings.event_retention_days == 30
+    report = upkeep.run(engine, settings, batch=2)
+    assert report.events_pruned == 3
+    with engine.begin() as conn:
+        kept = {ref for (ref,) in conn.execute(text("SELECT ref_id FROM message_events"))}
+    assert kept == {"e-3", "e-4"}
+
+
 def test_one_upkeep_run_at_a_time(engine, make_settings):
     with store.single_statements(engine) as holder:  # another worker's run
         assert store.try_upkeep_lock(holder)
