@@ -252,9 +252,9 @@ class Demo:
         if cluster is None:
             print(f"  using the server at DATABASE_URL ({_server(url)})")
         else:
-            cleanup.callback(cluster.stop)
+            cleanup.callback(cluster.close)
             self.throwaway_postgres = True
-            print(f"  nothing answers at DATABASE_URL; started a throwaway one at {_server(url)}")
+            print(f"  nothing answers at DATABASE_URL; started an embedded one at {_server(url)}")
         database_url = localservices.with_database(url, self.args.database)
         # Dropped and created again: every run starts from an empty, freshly migrated database.
         localservices.drop_database(database_url)
@@ -270,9 +270,9 @@ class Demo:
         if server is None:
             print(f"  using the server at REDIS_URL ({_server(url)})")
         else:
-            cleanup.callback(server.stop)
+            cleanup.callback(server.close)
             self.throwaway_redis = True
-            print(f"  nothing answers at REDIS_URL; started a throwaway one at {_server(url)}")
+            print(f"  nothing answers at REDIS_URL; started an embedded one at {_server(url)}")
         redis_url = localservices.with_redis_db(url, self.args.redis_db)
         # Tasks left queued by an earlier run would poll batches that no longer exist.
         client = redis.Redis.from_url(redis_url)
