@@ -51,14 +51,15 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ["TEST_REDIS_URL"] = REDIS_TEST_URL
 
 
-def pytest_report_header(config: pytest.Config) -> list[str]:
-    embedded = {type(server).__name__ for server in config.stash.get(_EMBEDDED, [])}
-    lines = []
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # Written even under -q (`make test`): whoever reads the log learns which servers ran it.
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    embedded = {type(server).__name__ for server in session.config.stash.get(_EMBEDDED, [])}
     for name, url, kind in (("postgres", PG_ADMIN_URL, "EmbeddedPostgres"),
                             ("redis", REDIS_TEST_URL, "EmbeddedRedis")):  # fmt: skip
         origin = "embedded, started for this session" if kind in embedded else "as found"
-        lines.append(f"{name}: {url.rsplit('@', 1)[-1]} ({origin})")
-    return lines
+        if reporter is not None:
+            reporter.write_line(f"{name}: {url.rsplit('@', 1)[-1]} ({origin})")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -206,10 +208,11 @@ def start_private_redis(children: Children, *extra: str) -> PrivateRedis:
 @dataclass
 class PrivatePostgres:
     """An embedded Postgres cluster (worker/localservices.py) that can be stopped and started
-    again on the same port; `destroy()` ends it and deletes its data."""
+    again on the same port; `destroy()` ends it and deletes its directory."""
 
     cluster: EmbeddedPostgres
     url: str  # postgresql+psycopg://postgres@127.0.0.1:PORT/DATABASE
+    base: Path
 
     def stop(self) -> None:
         self.cluster.stop()
@@ -218,20 +221,32 @@ class PrivatePostgres:
         self.cluster.start()
 
     def destroy(self) -> None:
-        self.cluster.close()
+        try:
+            self.cluster.close()
+        finally:
+            shutil.rmtree(self.base, ignore_errors=True)
 
 
-def start_private_postgres(workdir: Path, database: str = "esms_chaos") -> PrivatePostgres:
-    """A fresh cluster on a free loopback port holding `database`, migrated to head."""
+def start_private_postgres(database: str = "esms_chaos") -> PrivatePostgres:
+    """A fresh cluster on a free loopback port holding `database`, migrated to head.
+
+    Its data lives in a directory of its own under the system's temp dir, not under a test's
+    tmp_path: under root the server runs as another account, and every pytest session on the
+    machine resets pytest's base directory to mode 0700, which would lock that account out.
+    """
     from alembic import command
 
     from tests.conftest import alembic_config
     from worker.localservices import ensure_database
 
-    cluster = EmbeddedPostgres.create(workdir / "pg")
-    server = PrivatePostgres(
-        cluster, f"postgresql+psycopg://postgres@127.0.0.1:{cluster.port}/{database}"
-    )
+    base = Path(tempfile.mkdtemp(prefix="esms-pg-"))
+    try:
+        cluster = EmbeddedPostgres.create(base / "pg")
+    except BaseException:
+        shutil.rmtree(base, ignore_errors=True)
+        raise
+    url = f"postgresql+psycopg://postgres@127.0.0.1:{cluster.port}/{database}"
+    server = PrivatePostgres(cluster, url, base)
     try:
         ensure_database(server.url)
         command.upgrade(alembic_config(server.url), "head")

@@ -252,7 +252,8 @@ def ensure_postgres(
                 f"a server listens at {host}:{port} but the connection failed: {error}".strip()
             ) from None
     cluster = EmbeddedPostgres.create(workdir / "pg")
-    local = parsed.set(host="127.0.0.1", port=cluster.port, username="postgres", password=None)
+    # _replace, not set(): set() ignores None, and the caller's password is not the embedded one's.
+    local = parsed._replace(host="127.0.0.1", port=cluster.port, username="postgres", password=None)
     return local.render_as_string(hide_password=False), cluster
 
 
