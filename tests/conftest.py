@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import uuid
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psycopg
 import pytest
@@ -59,7 +60,9 @@ def pytest_sessionstart(session: pytest.Session) -> None:
                             ("redis", REDIS_TEST_URL, "EmbeddedRedis")):  # fmt: skip
         origin = "embedded, started for this session" if kind in embedded else "as found"
         if reporter is not None:
-            reporter.write_line(f"{name}: {url.rsplit('@', 1)[-1]} ({origin})")
+            # Host, port and database only: a URL's password is never printed.
+            where = urlsplit(url)
+            reporter.write_line(f"{name}: {where.hostname}:{where.port}{where.path} ({origin})")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
