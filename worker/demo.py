@@ -5,9 +5,9 @@ the dev extra, see worker/localservices.py); recreates a dedicated database (`es
 flushes a dedicated Redis database (12), so running it twice works and nothing else is touched;
 migrates; starts the eSMS emulator on a free loopback port; inserts a few thousand messages the way
 a sending system would; runs a real Celery worker and beat against them; and shows progress until
-no message is pending. Whatever happens — success,
-timeout, Ctrl-C, an error — every process it started is stopped again. It never talks to anything
-but loopback and the servers the two URLs name.
+no message is pending. Whatever happens — success, timeout, Ctrl-C, an error — every process it
+started is stopped again. It never talks to anything but loopback and the servers the two URLs
+name.
 
 `--seed-only` is the other use: insert messages into DATABASE_URL as it is, and exit (the compose
 `demo-seeder`).
