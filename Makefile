@@ -13,7 +13,7 @@ STAMP := $(VENV)/.installed
 
 help:
 	@echo "make demo      run the whole daemon against the eSMS emulator on this machine"
-	@echo "make test      run the test suite (needs Postgres and Redis on 127.0.0.1)"
+	@echo "make test      run the test suite (Postgres/Redis at TEST_PG_ADMIN_URL/TEST_REDIS_URL, else embedded)"
 	@echo "make lint      ruff check"
 	@echo "make migrate   alembic upgrade head on DATABASE_URL"
 	@echo "make worker | beat | flower | emulator   run one component in the foreground"
@@ -77,8 +77,9 @@ bench: venv
 	$(BIN)/python bench/throughput.py
 
 clean:
-	@# A killed demo can leave its throwaway Postgres running; stop it before deleting its files.
-	@if [ -x $(BIN)/python ] && [ -d .demo/pg ]; then \
+	@# A killed demo or test run can leave its embedded Postgres running; stop it before deleting
+	@# its files.
+	@if [ -x $(BIN)/python ] && [ -d .demo ]; then \
 		$(BIN)/python -c 'from worker.localservices import stop_leftover_postgres as s; s()'; fi
 	rm -rf .demo .pytest_cache .ruff_cache .hypothesis build celerybeat-schedule*
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -exec rm -rf {} +

@@ -110,7 +110,7 @@ def run_world(world: str, messages: int, seconds: float, wait: float, workdir: P
     started = time.monotonic()
     workdir.mkdir(parents=True)
     children = Children(workdir)
-    postgres = start_private_postgres(workdir)
+    postgres = start_private_postgres()
     engine = create_engine(postgres.url, pool_pre_ping=True)
     proxy = None
     try:

@@ -123,7 +123,7 @@ def provider_faults(log: list[dict]) -> dict[str, int]:
 def run(messages: int, workdir: Path) -> dict:
     started = time.monotonic()
     children = Children(workdir)
-    postgres = start_private_postgres(workdir)
+    postgres = start_private_postgres()
     engine = create_engine(postgres.url, pool_pre_ping=True)
     try:
         redis_server = start_private_redis(children)

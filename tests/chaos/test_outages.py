@@ -80,8 +80,8 @@ def test_redis_restarted_empty(engine, database_url, children, emulator_with):
 
 
 @pytest.fixture
-def private_postgres(tmp_path):
-    server = start_private_postgres(tmp_path)
+def private_postgres():
+    server = start_private_postgres()
     engine = create_engine(server.url, pool_pre_ping=True)
     yield server, engine
     engine.dispose()

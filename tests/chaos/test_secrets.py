@@ -23,6 +23,7 @@ from tests.chaos.audit import count_pending, daemon_env, insert_messages, new_me
 from tests.chaos.conftest import OAS
 from tests.conftest import PG_ADMIN_URL
 from tests.processes import BIN, celery, free_port, start_private_redis, wait_for
+from worker.localservices import redis_cli_program
 
 pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
@@ -88,9 +89,10 @@ def test_no_secret_in_logs_broker_or_flower(engine, role_url, children, emulator
     )  # fmt: skip
     redis_server = start_private_redis(children, "--requirepass", REDIS_PASSWORD)
     port = redis_server.port
+    cli = redis_cli_program()
     monitor = children.spawn(
         "redis-monitor",
-        ["redis-cli", "-p", str(port), "-a", REDIS_PASSWORD, "--no-auth-warning", "monitor"],
+        [cli, "-p", str(port), "-a", REDIS_PASSWORD, "--no-auth-warning", "monitor"],
         {"PATH": str(BIN) + ":/usr/bin:/bin"},
     )
     wait_for(lambda: "OK" in monitor.log(), timeout=20, message="MONITOR attached")

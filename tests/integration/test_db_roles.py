@@ -30,6 +30,7 @@ from worker import poller, scheduler, schema, store
 from worker.cli import app as cli_app
 from worker.cooloff import CoolOffs
 from worker.esms_client import EsmsClient
+from worker.localservices import psql_program
 from worker.notfound import NotFoundTracker
 from worker.ratelimit import RateLimiter, RatePolicy
 
@@ -67,7 +68,7 @@ def unique_roles() -> Iterator[Roles]:
 
 def run_script(database_url: str, roles: Roles) -> subprocess.CompletedProcess:
     return subprocess.run(
-        ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1",
+        [psql_program(), "-X", "-q", "-v", "ON_ERROR_STOP=1",
          "-v", f"owner_role={roles.owner}", "-v", f"app_role={roles.app}",
          "-v", f"owner_password={roles.password}", "-v", f"app_password={roles.password}",
          "-d", libpq(database_url), "-f", str(SCRIPT)],

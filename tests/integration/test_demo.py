@@ -1,5 +1,5 @@
 """The newcomer's first command, end to end: `python -m worker.demo` as a subprocess, on this
-machine's Postgres and Redis, must resolve every message and exit 0.
+machine's Postgres and Redis (or the suite's embedded ones), must resolve every message and exit 0.
 
 It runs in its own database, Redis database and work directory, so it neither disturbs nor is
 disturbed by a developer's `make demo`, and removes both databases' contents afterwards.
@@ -18,14 +18,13 @@ import pytest
 import redis
 from psycopg import sql
 
+# The same servers as the rest of the suite, embedded ones included (see tests/conftest.py).
+from tests.conftest import PG_ADMIN_URL, REDIS_TEST_URL
 from worker.localservices import with_redis_db
 
 pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parents[2]
-# The same servers as the rest of the suite (see tests/conftest.py).
-PG_ADMIN_URL = os.environ.get("TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-REDIS_TEST_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/13")
 # Not 12 (the demo), 13 (the suite) or 14 (bench/): any of them may be running beside this test.
 REDIS_DB = 15
 MESSAGES = 300
