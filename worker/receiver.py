@@ -488,11 +488,13 @@ def app_from_environment() -> Starlette:
 
 
 class _Supervisor(Multiprocess):
-    """uvicorn's supervisor, which says once when every first worker answers."""
+    """uvicorn's supervisor, which says once when every first worker answers, and whether it
+    stopped because it was asked to (SIGTERM, SIGINT) or because a worker could not start."""
 
     def __init__(self, config: uvicorn.Config, sock: socket.socket, announce: str) -> None:
         super().__init__(config, sockets=[sock])
         self._announce = announce
+        self.asked_to_stop = False
 
     def init_processes(self) -> None:
         super().init_processes()
@@ -502,6 +504,14 @@ class _Supervisor(Multiprocess):
         elif not self.should_exit.is_set():
             log.error("a worker did not start within %d s", timeout)
             self.should_exit.set()
+
+    def handle_int(self) -> None:
+        self.asked_to_stop = True
+        super().handle_int()
+
+    def handle_term(self) -> None:
+        self.asked_to_stop = True
+        super().handle_term()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -599,7 +609,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sock.close()
         if made_here:
             receiver_metrics.remove_directory(directory)
-    return 0
+    return 0 if supervisor.asked_to_stop else 1
 
 
 def _default_workers() -> int:
