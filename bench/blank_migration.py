@@ -66,7 +66,7 @@ def main() -> None:
         print(f"filling {args.rows:,} rows...", flush=True)
         # Row g: a blank in column c when (g + c) % 3 == 0 and g % 3 != 2; two rows in three.
         values = ", ".join(
-            f"CASE WHEN g % 3 <> 2 AND (g + {c}) % 3 = 0 THEN (ARRAY['', ' ', '\t'])[g % 3 + 1] "
+            f"CASE WHEN g %% 3 <> 2 AND (g + {c}) %% 3 = 0 THEN (ARRAY['', ' ', '\t'])[g %% 3 + 1] "
             f"ELSE 'text-' || g END"
             for c in range(len(COLUMNS))
         )
