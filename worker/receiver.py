@@ -396,8 +396,8 @@ def create_app(
         return PlainTextResponse("ok")
 
     async def show_stats(request: Request) -> Response:
-        # Read from the same metrics /metrics serves; reading every worker's files costs a few
-        # milliseconds, off the event loop.
+        # The same numbers /metrics serves, read from every worker's files: file reads, so off
+        # the event loop.
         return JSONResponse(await anyio.to_thread.run_sync(metrics.snapshot))
 
     async def refused(request: Request, error: Exception) -> Response:
