@@ -560,9 +560,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"worker.receiver refuses to start: {mismatch}", file=sys.stderr)
         return 1
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
-    # Bound here rather than by uvicorn, with IPPROTO_TCP spelled out: asyncio sets TCP_NODELAY
-    # only on sockets that say so (uvicorn's own bind for --workers does not), and without it
-    # every answer on a kept-alive connection waits 40 ms for the client's delayed ACK.
+    # Bound here, before the supervisor starts, so that a bad address is one clear line and the
+    # port chosen for port 0 can be announced. IPPROTO_TCP spelled out: asyncio sets TCP_NODELAY
+    # only on sockets that say so, and without it every answer on a kept-alive connection waits
+    # 40 ms for the client's delayed ACK.
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -613,8 +614,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _default_workers() -> int:
-    # One worker handles about a thousand pushes a second (HTTP parsing is most of it, and the
-    # GIL keeps it to one core).
+    # A worker is one Python process: the GIL keeps it (HTTP parsing is most of its work) to one
+    # core, so one per core.
     return max(1, min(os.cpu_count() or 1, 4))
 
 
