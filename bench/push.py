@@ -1,7 +1,7 @@
 """Push benchmark: the receiver under load, and what pushes save the poller. Not run by CI.
 
 (a) `latency`: `python -m worker.receiver` on loopback against a database of 200,000 final rows
-    and 30,000 pending ones; `wrk` (Debian package `wrk`) sends eSMS-style GET pushes, each URL
+    and 80,001 pending ones; `wrk` (Debian package `wrk`) sends eSMS-style GET pushes, each URL
     different (status 2, 7 then 5 of each message in turn, ErrorInfo in each documented encoding,
     1 % unknown SMSIDs), paced to `--rate` per second over `--connections` kept-alive
     connections for `--seconds`. Reports wrk's latency percentiles, errors, and the receiver's
