@@ -2,8 +2,9 @@
 
 A real `python -m worker.receiver --workers 2` on loopback: pushes over many connections reach
 both workers, and `/metrics` (served by the supervisor) and `/stats` (served by any worker) both
-show their sum; a worker killed outright is replaced and its counts stay in the sum; SIGTERM stops
-the supervisor and every worker, and the temporary metrics directory goes with them.
+show their sum; a worker killed outright is replaced and its counts stay in the sum; SIGTTIN,
+SIGTTOU and SIGHUP add, remove and replace workers; SIGTERM stops the supervisor and every
+worker, and the temporary metrics directory goes with them.
 """
 
 from __future__ import annotations
@@ -161,5 +162,34 @@ def test_sigterm_stops_the_supervisor_and_every_worker(database_url, tmp_path):
             )
         assert not made[0].exists()
         assert TOKEN not in receiver.child.log()
+    finally:
+        children.stop_all()
+
+
+def _until(predicate, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError("timed out")
+
+
+def test_ttin_adds_a_worker_ttou_removes_one_and_hup_replaces_them_all(database_url, tmp_path):
+    children = Children(tmp_path)
+    try:
+        receiver = start_receiver(children, database_url, workers=1)
+        pid = receiver.child.proc.pid
+        first = workers_of(pid)
+        assert len(first) == 1
+        os.kill(pid, signal.SIGTTIN)
+        _until(lambda: len(workers_of(pid)) == 2)
+        os.kill(pid, signal.SIGTTOU)
+        _until(lambda: len(workers_of(pid)) == 1)
+        before = workers_of(pid)
+        os.kill(pid, signal.SIGHUP)
+        _until(lambda: len(workers_of(pid)) == 1 and not workers_of(pid) & before)
+        assert httpx.get(f"{receiver.url}/healthz", timeout=10).status_code == 200
+        assert receiver.child.proc.poll() is None
     finally:
         children.stop_all()
