@@ -1,7 +1,7 @@
 """Push benchmark: the receiver under load, and what pushes save the poller. Not run by CI.
 
 (a) `latency`: `python -m worker.receiver` on loopback against a database of 200,000 final rows
-    and 30,000 pending ones; `wrk` (Debian package `wrk`) sends eSMS-style GET pushes, each URL
+    and 80,001 pending ones; `wrk` (Debian package `wrk`) sends eSMS-style GET pushes, each URL
     different (status 2, 7 then 5 of each message in turn, ErrorInfo in each documented encoding,
     1 % unknown SMSIDs), paced to `--rate` per second over `--connections` kept-alive
     connections for `--seconds`. Reports wrk's latency percentiles, errors, and the receiver's
@@ -48,7 +48,8 @@ from tests.integration.test_receiver import start_receiver  # noqa: E402
 from tests.processes import Children, celery, child_env, free_port, start_emulator  # noqa: E402
 
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/11")
-DATABASE = "esms_bench_push"
+# Its own name per run: engineers sharing a Postgres may run it at the same time.
+DATABASE = f"esms_bench_push_{os.getpid()}"
 TOKEN = "bench-push-token-" + uuid.uuid4().hex[:16]
 API_KEY, SECRET_KEY = "bench-push-key", "bench-push-secret"
 RESULTS = ROOT / "bench" / "results"
@@ -191,6 +192,7 @@ def run_latency(rate: int, seconds: int, connections: int) -> dict:
             load_before = os.getloadavg()
             paced = wrk(receiver.url, threads, connections, seconds, pause_ms, base=0)
             stats_paced = receiver.stats()
+            metrics_paced = _write_metrics(receiver.metrics())
             print("    ceiling: unpaced, 32 connections, 10 s...", flush=True)
             ceiling = wrk(receiver.url, threads, 32, 10, 0, base=_PENDING // 2)
             processes = _receiver_processes(receiver.child.proc.pid)
@@ -207,22 +209,47 @@ def run_latency(rate: int, seconds: int, connections: int) -> dict:
         "load_average_before": [round(value, 2) for value in load_before],
         "paced": paced,
         "receiver_counters_after_paced": stats_paced,
+        "receiver_writes_after_paced": metrics_paced,
         "ceiling_unpaced_32_connections": ceiling,
         "receiver_counters_at_end": stats_all,
         "token_in_receiver_log": TOKEN in log,
     }
 
 
-def _receiver_processes(pid: int) -> int:
-    children = 0
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
+def _write_metrics(exposition: str) -> dict[str, float]:
+    """From the receiver's /metrics: its transactions, their mean size and mean duration."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    values = {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(exposition)
+        for sample in family.samples
+        if not sample.labels
+    }
+    transactions = values.get("esms_receiver_write_duration_seconds_count", 0)
+    return {
+        "transactions": transactions,
+        "mean_pushes_per_transaction": round(
+            values.get("esms_receiver_batch_pushes_sum", 0) / max(transactions, 1), 2
+        ),
+        "mean_transaction_ms": round(
+            1000 * values.get("esms_receiver_write_duration_seconds_sum", 0) / max(transactions, 1),
+            2,
+        ),
+    }
+
+
+def _receiver_processes(pid: int) -> dict[str, int]:
+    """The supervisor and the workers uvicorn spawned for it (not its resource tracker)."""
+    workers = 0
+    with open(f"/proc/{pid}/task/{pid}/children") as handle:
+        for child in handle.read().split():
             try:
-                with open(f"/proc/{entry}/stat") as handle:
-                    children += int(handle.read().rsplit(")", 1)[1].split()[1]) == pid
-            except (OSError, ValueError, IndexError):
+                with open(f"/proc/{child}/cmdline", "rb") as cmdline:
+                    workers += b"spawn_main" in cmdline.read()
+            except OSError:
                 pass
-    return 1 + children
+    return {"supervisor": 1, "workers": workers}
 
 
 # --- (b) GetCallback requests saved ----------------------------------------------------------
@@ -382,8 +409,19 @@ def run_campaign(
         "rows_not_equal_to_truth": wrong,
         "emulator_pushes": emulator_pushes,
         "receiver_counters": receiver_stats,
+        # Text columns holding '' or blanks where NULL is meant: 0 since records.to_text.
+        "rows_with_blank_text": sum(
+            any(isinstance(v, str) and not v.strip() for v in row.values())
+            for row in stored.values()
+        ),
+        # NULL stays NULL in the comparison: only the date inside a dated ErrorInfo is masked.
         "_rows": {
-            ref: {**row, "error_info": _DATED.sub("____<date>", row["error_info"] or "")}
+            ref: {
+                **row,
+                "error_info": None
+                if row["error_info"] is None
+                else _DATED.sub("____<date>", row["error_info"]),
+            }
             for ref, row in stored.items()
         },
     }

@@ -121,6 +121,7 @@ def child_env(**overrides: str) -> dict[str, str]:
     # Workers of parallel tests must not fight over the metrics port; a test that scrapes
     # metrics passes its own.
     env.setdefault("METRICS_PORT", "0")
+    env.setdefault("RECEIVER_METRICS_PORT", "0")
     env.update(overrides)
     return env
 

@@ -2,16 +2,22 @@
 
 `python -m worker.receiver` serves `/esms/callback/<PUSH_TOKEN>` on RECEIVER_HOST:RECEIVER_PORT.
 eSMS sends a GET whose query names mix case (`SMSID, SendStatus, ..., telcoid, phonenumber,
-partnerids, error_info, oaid, tempid`); a POST with the same fields as JSON or as a form is
-accepted too. The fields go through `records.parse_callback_item`, the same edge as GetCallback's
-items, and then through `store.merge_callbacks(..., source="push")`, the same forward-only merge
-the poller uses. In each process (`--processes` of them share the socket) one writer thread runs
-the transactions: pushes that arrive while it writes wait for the next one and go in together, so
-a burst costs a few short transactions rather than one per push, and the event loop never waits
-on Postgres (nor on the GIL of a crowd of threads). A
+partnerids, error_info, oaid, tempid`) and whose empty values stand for null; a POST with the same
+fields as JSON or as a form is accepted too. The fields go through `records.parse_callback_item`,
+the same edge as GetCallback's items (an empty value is NULL there too), and then through
+`store.merge_callbacks(..., source="push")`, the same forward-only merge the poller uses. In each
+worker process one writer thread runs the transactions: pushes that arrive while it writes wait
+for the next one and go in together, so a burst costs a few short transactions rather than one
+per push, and the event loop never waits on Postgres (nor on the GIL of a crowd of threads). A
 push carries no CallbackUrl field because it *is* the call to that URL: the record gets the URL
 the receiver was called at, without its query, which is what GetCallback reports for the same
 message.
+
+Processes: uvicorn's own supervisor (`uvicorn.supervisors.Multiprocess`, what `uvicorn
+--workers` runs) starts `--workers` processes on one socket bound here, restarts one that dies,
+and adds, removes or replaces them on SIGTTIN, SIGTTOU and SIGHUP. Their counters are
+prometheus_client metrics in multiprocess mode (worker.receiver_metrics), served summed by the
+supervisor on RECEIVER_METRICS_PORT at `/metrics`.
 
 Answers: 200 when the push was written or changed nothing (duplicate, older than the row, row
 already final), 200 as well for an SMSID with no row (eSMS retries only on timeouts, and a row
@@ -20,11 +26,11 @@ with an unreadable body; 404 for a wrong or missing token and for every other pa
 when the database cannot be written. A transaction that loses a deadlock or a serialization
 failure to another writer (a poll's write) is run again a few times before that 503, because
 eSMS does not send a push again after an answer. Each outcome is counted, and so are the rows the
-pushes made final, by state; `GET /stats` shows the counters, `GET /metrics` the same for
-Prometheus (`esms_receiver_pushes_total{outcome}`, `esms_receiver_resolved_total{state}`).
-`GET /healthz` answers "ok" when the database answers `SELECT 1` (checked at most once a second,
-however many probes), 503 with the reason when not. The access log stays off: every URL carries
-the token and a phone number.
+pushes made final, by state (`esms_receiver_pushes_total{outcome}`,
+`esms_receiver_resolved_total{state}` and more, worker.receiver_metrics); `GET /stats` shows the
+same counters as JSON, summed over the workers. `GET /healthz` answers "ok" when the database
+answers `SELECT 1` (checked at most once a second, however many probes), 503 with the reason
+when not. The access log stays off: every URL carries the token and a phone number.
 """
 
 from __future__ import annotations
@@ -32,31 +38,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import dataclasses
 import functools
 import hmac
 import json
 import logging
 import math
-import multiprocessing
 import os
 import random
 import re
-import signal
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from enum import StrEnum
-from types import FrameType
 from typing import Any
 from urllib.parse import parse_qsl
 
 import anyio.to_thread
 import uvicorn
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError, SQLAlchemyError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
@@ -65,9 +65,10 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
+from uvicorn.supervisors import Multiprocess
 
-from worker import schema, store
-from worker.merge import FINAL_STATES, State
+from worker import receiver_metrics, schema, store
+from worker.receiver_metrics import ReceiverMetrics
 from worker.records import CallbackRecord, parse_callback_item
 from worker.settings import Settings, get_settings
 
@@ -104,48 +105,6 @@ class MalformedPush(ValueError):
 class PushOutcome(StrEnum):
     ACCEPTED = "accepted"  # merged: the row moved forward, or already knew as much
     UNKNOWN = "unknown"  # no row has this SMSID
-
-
-_COUNTERS = (
-    "accepted",  # written: the row moved forward, or already knew as much
-    "changed",  # rows the accepted pushes moved forward (duplicates and late ones do not)
-    "unknown",
-    "bad_token",
-    "not_found",  # any other path or method
-    "malformed",
-    "db_unavailable",
-    "retried",  # transactions run again after a deadlock or serialization failure
-    # Rows the pushes made final, by state (a push never makes a row `expired`).
-    *(f"resolved_{state}" for state in sorted(FINAL_STATES - {State.EXPIRED})),
-)
-
-
-class PushStats:
-    """What the receiver has answered since it started, over all its processes.
-
-    The counters live in shared memory made before the processes fork; each process adds to its
-    own row, so no lock is needed, and `/stats` in any of them sums every row.
-    """
-
-    def __init__(self, processes: int = 1) -> None:
-        self._values = multiprocessing.RawArray(ctypes.c_int64, processes * len(_COUNTERS))
-        self._row = 0
-
-    def use_row(self, process_index: int) -> None:
-        self._row = process_index * len(_COUNTERS)
-
-    def add(self, name: str, count: int = 1) -> None:
-        # Each counter is added to by one thread of a process only (`retried` by the writer
-        # thread, the others by the event loop), so no increment can be lost.
-        self._values[self._row + _COUNTERS.index(name)] += count
-
-    def add_resolved(self, resolved: dict[str, int]) -> None:
-        for state, count in resolved.items():
-            self.add(f"resolved_{state}", count)
-
-    def as_dict(self) -> dict[str, int]:
-        width = len(_COUNTERS)
-        return {name: sum(self._values[i::width]) for i, name in enumerate(_COUNTERS)}
 
 
 def record_from_fields(fields: dict[str, Any], callback_url: str | None) -> CallbackRecord:
@@ -236,9 +195,12 @@ def _database_down(error: SQLAlchemyError) -> bool:
 
 class Batcher:
     """Feeds the one writer thread: a push waits for the write in progress, then goes with every
-    push that arrived meanwhile. Runs on the event loop; only the write leaves it."""
+    push that arrived meanwhile. Runs on the event loop; only the write leaves it. `on_written`
+    hears what each batch wrote, how many pushes it held and how long its write took."""
 
-    def __init__(self, write: WriteBatch, on_written: Callable[[Written], None]) -> None:
+    def __init__(
+        self, write: WriteBatch, on_written: Callable[[Written, int, float], None]
+    ) -> None:
         self._write = write
         self._on_written = on_written
         self._waiting: list[tuple[CallbackRecord, asyncio.Future[PushOutcome]]] = []
@@ -259,9 +221,10 @@ class Batcher:
             while self._waiting:
                 batch, self._waiting = self._waiting[:MAX_BATCH], self._waiting[MAX_BATCH:]
                 records = [record for record, _ in batch]
+                started = time.perf_counter()
                 try:
                     results, totals = await anyio.to_thread.run_sync(self._write_isolated, records)
-                    self._on_written(totals)
+                    self._on_written(totals, len(records), time.perf_counter() - started)
                 except Exception as error:  # every waiting push must hear of it
                     results = [error] * len(batch)
                 for (_, future), result in zip(batch, results, strict=True):
@@ -349,30 +312,35 @@ def _select_one(engine: Engine) -> None:
 def create_app(
     settings: Settings,
     write: WriteBatch | None = None,
-    stats: PushStats | None = None,
     ping: Callable[[], None] | None = None,
+    metrics: ReceiverMetrics | None = None,
 ) -> Starlette:
     """The receiver for `settings`. `write` replaces the database write and `ping` the health
-    check's `SELECT 1` (unit tests; with `write` and no `ping`, /healthz checks nothing); `stats`
-    is shared with the other processes of the same receiver."""
+    check's `SELECT 1` (unit tests; with `write` and no `ping`, /healthz checks nothing). Its
+    counters are `metrics`, or new ones (in multiprocess mode when the supervisor set
+    PROMETHEUS_MULTIPROC_DIR)."""
     expected = (
         settings.push_token.get_secret_value().encode() if settings.push_token is not None else None
     )
-    stats = stats or PushStats()
+    if metrics is None:
+        metrics = ReceiverMetrics(settings.prometheus_multiproc_dir)
     engine: Engine | None = None
     if write is None:
         # One writer thread: one connection, and one spare for the pool's ping and /healthz.
         engine = store.make_engine(settings, pool_size=2)
-        write = PushWriter(engine, on_retry=lambda: stats.add("retried"))
+        write = PushWriter(engine, on_retry=metrics.retries.inc)
         ping = ping or functools.partial(_select_one, engine)
     health = DatabaseHealth(ping) if ping is not None else None
 
-    def on_written(written: Written) -> None:
-        stats.add("changed", written.changed)
-        stats.add_resolved(written.resolved)
+    def on_written(written: Written, pushes: int, seconds: float) -> None:
+        metrics.rows_changed.inc(written.changed)
+        metrics.add_resolved(written.resolved)
+        metrics.batch_pushes.observe(pushes)
+        metrics.write_seconds.observe(seconds)
 
     batcher = Batcher(write, on_written)
     db_warned_at = -_DB_WARNING_EVERY_SECONDS
+    db_failures = 0
     called_urls: dict[tuple[Any, ...], str] = {}
 
     def called_url(request: Request) -> str:
@@ -392,32 +360,34 @@ def create_app(
         return hmac.compare_digest(given.encode("utf-8", "surrogatepass"), expected)
 
     async def callback(request: Request) -> Response:
-        nonlocal db_warned_at
+        nonlocal db_warned_at, db_failures
         if not token_ok(request.path_params["token"]):
-            stats.add("bad_token")
+            metrics.count("bad_token")
             return _not_found()
         try:
             record = record_from_fields(await _fields(request), called_url(request))
         except MalformedPush as bad:
-            stats.add("malformed")
+            metrics.count("malformed")
             return PlainTextResponse(str(bad), status_code=400)
         try:
             outcome = await batcher.submit(record)
         except SQLAlchemyError as error:
-            stats.add("db_unavailable")
+            metrics.count("db_unavailable")
+            db_failures += 1
             now = time.monotonic()
             if now - db_warned_at >= _DB_WARNING_EVERY_SECONDS:
                 db_warned_at = now
                 log.warning(
-                    "push not written, database unavailable (%d so far): %s",
-                    stats.as_dict()["db_unavailable"],
+                    "push not written, database unavailable (%d so far in process %d): %s",
+                    db_failures,
+                    os.getpid(),
                     type(error).__name__,
                 )
             return PlainTextResponse("database unavailable", status_code=503)
         if outcome is PushOutcome.UNKNOWN:
-            stats.add("unknown")
+            metrics.count("unknown")
             return PlainTextResponse("unknown SMSID")
-        stats.add("accepted")
+        metrics.count("accepted")
         return PlainTextResponse("OK")
 
     async def healthz(request: Request) -> Response:
@@ -427,17 +397,13 @@ def create_app(
         return PlainTextResponse("ok")
 
     async def show_stats(request: Request) -> Response:
-        return JSONResponse(stats.as_dict())
-
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(_StatsCollector(stats))
-
-    async def show_metrics(request: Request) -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        # The same numbers /metrics serves, read from every worker's files: file reads, so off
+        # the event loop.
+        return JSONResponse(await anyio.to_thread.run_sync(metrics.snapshot))
 
     async def refused(request: Request, error: Exception) -> Response:
         # Unknown paths and methods look alike to a caller: there is nothing here.
-        stats.add("not_found")
+        metrics.count("not_found")
         return _not_found()
 
     @contextlib.asynccontextmanager
@@ -451,45 +417,14 @@ def create_app(
             Route(CALLBACK_PATH, callback, methods=["GET", "POST"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/stats", show_stats, methods=["GET"]),
-            Route("/metrics", show_metrics, methods=["GET"]),
         ],
         exception_handlers={HTTPException: refused},
         lifespan=lifespan,
     )
     # `/esms/callback/<token>/` must not answer with a redirect that names the token.
     app.router.redirect_slashes = False
-    app.state.stats = stats
+    app.state.metrics = metrics
     return app
-
-
-class _StatsCollector:
-    """The receiver's counters (`/stats`, every process summed) in Prometheus's format: pushes
-    by outcome, and the rows pushes made final, by state."""
-
-    def __init__(self, stats: PushStats) -> None:
-        self._stats = stats
-
-    def collect(self) -> Iterator[CounterMetricFamily]:
-        values = self._stats.as_dict()
-        pushes = CounterMetricFamily(
-            "esms_receiver_pushes",
-            "Pushes answered, by outcome (db_unavailable: answered 503, the database could not "
-            "be written)",
-            labels=["outcome"],
-        )
-        resolved = CounterMetricFamily(
-            "esms_receiver_resolved", "Rows pushes made final, by state", labels=["state"]
-        )
-        for name, value in values.items():
-            if name.startswith("resolved_"):
-                resolved.add_metric([name.removeprefix("resolved_")], value)
-            elif name != "changed":
-                pushes.add_metric([name], value)
-        changed = CounterMetricFamily(
-            "esms_receiver_rows_changed", "Rows the accepted pushes moved forward"
-        )
-        changed.add_metric([], values["changed"])
-        yield from (pushes, resolved, changed)
 
 
 def _not_found() -> Response:
@@ -548,6 +483,38 @@ async def _read_body(request: Request) -> bytes:
 # --- command line -----------------------------------------------------------------------------
 
 
+def app_from_environment() -> Starlette:
+    """The app of one worker process: uvicorn's factory, called in each worker it starts."""
+    return create_app(get_settings())
+
+
+class _Supervisor(Multiprocess):
+    """uvicorn's supervisor, which says once when every first worker answers, and whether it
+    stopped because it was asked to (SIGTERM, SIGINT) or because a worker could not start."""
+
+    def __init__(self, config: uvicorn.Config, sock: socket.socket, announce: str) -> None:
+        super().__init__(config, sockets=[sock])
+        self._announce = announce
+        self.asked_to_stop = False
+
+    def init_processes(self) -> None:
+        super().init_processes()
+        timeout = self.config.timeout_worker_healthcheck * 6
+        if all(p.wait_until_ready(timeout, self.should_exit) for p in self.processes):
+            print(self._announce, flush=True)
+        elif not self.should_exit.is_set():
+            log.error("a worker did not start within %d s", timeout)
+            self.should_exit.set()
+
+    def handle_int(self) -> None:
+        self.asked_to_stop = True
+        super().handle_int()
+
+    def handle_term(self) -> None:
+        self.asked_to_stop = True
+        super().handle_term()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Serve until SIGTERM or SIGINT; prints "push receiver listening on http://HOST:PORT"."""
     settings = get_settings()
@@ -560,14 +527,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--port", type=int, default=settings.receiver_port, help="default RECEIVER_PORT (0: any)"
     )
     parser.add_argument(
+        "--workers",
         "--processes",
+        dest="workers",
         type=int,
-        default=_default_processes(),
-        help="processes sharing the socket (default: one per CPU, at most 4)",
+        default=settings.receiver_workers or _default_workers(),
+        help="worker processes sharing the socket (default RECEIVER_WORKERS, else one per CPU, "
+        "at most 4); SIGTTIN and SIGTTOU add and remove one while it runs",
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=settings.receiver_metrics_port,
+        help="/metrics of all workers, on --host (default RECEIVER_METRICS_PORT; 0: off)",
     )
     args = parser.parse_args(argv)
-    if args.processes < 1:
-        parser.error("--processes must be at least 1")
+    if args.workers < 1:
+        parser.error("--workers must be at least 1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     token = settings.push_token.get_secret_value() if settings.push_token is not None else None
     if token is None:
@@ -585,8 +561,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"worker.receiver refuses to start: {mismatch}", file=sys.stderr)
         return 1
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
-    # IPPROTO_TCP spelled out: asyncio sets TCP_NODELAY only on sockets that say so, and without
-    # it every answer on a kept-alive connection waits 40 ms for the client's delayed ACK.
+    # Bound here, before the supervisor starts, so that a bad address is one clear line and the
+    # port chosen for port 0 can be announced. IPPROTO_TCP spelled out: asyncio sets TCP_NODELAY
+    # only on sockets that say so, and without it every answer on a kept-alive connection waits
+    # 40 ms for the client's delayed ACK.
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -595,37 +573,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as error:
         print(f"worker.receiver: cannot bind {args.host}:{args.port}: {error}", file=sys.stderr)
         return 1
-    # One process handles about a thousand pushes a second (HTTP parsing is most of it, and the
-    # GIL keeps it to one core); more share the socket. Forked before any thread or connection.
-    stats = PushStats(args.processes)
-    children = []
-    for index in range(1, args.processes):
-        pid = os.fork()
-        if pid == 0:
-            stats.use_row(index)
-            code = _serve_process(settings, sock, stats, args.host, announce=False)
-            os._exit(code)
-        children.append(pid)
-    code = _serve_process(settings, sock, stats, args.host, announce=True)
-    for pid in children:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-    for pid in children:
-        _, status = os.waitpid(pid, 0)
-        code = code or (os.waitstatus_to_exitcode(status) != 0)
-    return int(code)
-
-
-def _default_processes() -> int:
-    return max(1, min(os.cpu_count() or 1, 4))
-
-
-def _serve_process(
-    settings: Settings, sock: socket.socket, stats: PushStats, host: str, *, announce: bool
-) -> int:
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(settings, stats=stats),
+    shown_host = f"[{args.host}]" if ":" in args.host else args.host
+    # The workers' metric files: set before they start (they import prometheus_client then).
+    directory, made_here = receiver_metrics.fresh_directory(settings.prometheus_multiproc_dir)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    try:
+        if args.metrics_port:
+            try:
+                metrics_port = receiver_metrics.serve(args.host, args.metrics_port, directory)
+            except OSError as error:
+                print(
+                    f"worker.receiver: cannot serve metrics on {args.host}:{args.metrics_port}: "
+                    f"{error}",
+                    file=sys.stderr,
+                )
+                return 1
+            shown = f"http://{shown_host}:{metrics_port}/metrics"
+            print(f"push receiver metrics on {shown}", flush=True)
+        config = uvicorn.Config(
+            "worker.receiver:app_from_environment",
+            factory=True,
+            workers=args.workers,
             log_level="warning",
             access_log=False,
             server_header=False,
@@ -634,34 +602,22 @@ def _serve_process(
             proxy_headers=True,
             timeout_graceful_shutdown=_GRACE_SECONDS,
         )
-    )
-
-    # As in the emulator: uvicorn re-raises the signal it caught once it has stopped; these
-    # handlers absorb it so that a requested stop exits 0.
-    def stop(signum: int, frame: FrameType | None) -> None:
-        server.should_exit = True
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    asyncio.run(_serve(server, sock, host, announce))
-    return 0 if server.started else 1
-
-
-async def _serve(server: uvicorn.Server, sock: socket.socket, host: str, announce: bool) -> None:
-    serving = asyncio.create_task(server.serve(sockets=[sock]))
-    parent = os.getppid()
-    while not server.started and not serving.done():
-        await asyncio.sleep(0.01)
-    if server.started and announce:
-        shown_host = f"[{host}]" if ":" in host else host
         port = sock.getsockname()[1]
-        print(f"push receiver listening on http://{shown_host}:{port}", flush=True)
-    # A forked process ends with the one that started it, even if that one was killed outright.
-    while not serving.done():
-        if not announce and os.getppid() != parent:
-            server.should_exit = True
-        await asyncio.wait([serving], timeout=1)
-    await serving
+        supervisor = _Supervisor(
+            config, sock, f"push receiver listening on http://{shown_host}:{port}"
+        )
+        supervisor.run()
+    finally:
+        sock.close()
+        if made_here:
+            receiver_metrics.remove_directory(directory)
+    return 0 if supervisor.asked_to_stop else 1
+
+
+def _default_workers() -> int:
+    # A worker is one Python process: the GIL keeps it (HTTP parsing is most of its work) to one
+    # core, so one per core.
+    return max(1, min(os.cpu_count() or 1, 4))
 
 
 if __name__ == "__main__":

@@ -1,17 +1,22 @@
 """Provider data parsed into typed records: the edge where eSMS's loose JSON becomes our types.
 
 eSMS documents every `Data_callback` field as "string" yet sends numbers, floats and nulls; the push
-callback sends everything as query strings. `parse_callback_item` accepts all of those and returns a
-`CallbackRecord` with real ints, an exact `Decimal` price and text, or `None` when an item cannot
-name its SMSID. A bad field becomes `None`; it never poisons the item, and a bad item never poisons
-the batch. Nothing past this module sees a raw dict or a string-typed number.
+callback sends everything as query strings, with an empty value where GetCallback has null (its own
+sample ends in `partnerids=`). `parse_callback_item` is the one normalisation for both paths: it
+returns a `CallbackRecord` with real ints, an exact `Decimal` price and text, or `None` when an item
+cannot name its SMSID. An empty or blank value is absent (`None`, stored as NULL) in every field, so
+`"ErrorInfo": ""` and `error_info=` store what `"ErrorInfo": null` stores; `5`, `"5"`, `5.0` and
+`"5.0"` are the same integer, and `300`, `300.0`, `"300.0"` and `"3E+2"` the same price (its
+shortest exact spelling, `Decimal("300")`). A bad field becomes `None`; it never poisons the item,
+and a bad item never poisons the batch. Nothing past this module sees a raw dict or a string-typed
+number.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
+from decimal import Context, Decimal, InvalidOperation
 from typing import Any
 
 from worker.error_info import parse_error_code
@@ -91,7 +96,7 @@ def to_int(value: Any) -> int | None:
     elif isinstance(value, float | Decimal | str):
         # Through Decimal, range-checked before int(): "1e999999999" must not build a
         # billion-digit integer.
-        decimal = to_decimal(value)
+        decimal = _decimal(value)
         if decimal is None or not _INT_MIN <= decimal <= _INT_MAX:
             return None
         if decimal != decimal.to_integral_value():
@@ -107,6 +112,26 @@ def to_decimal(value: Any) -> Decimal | None:
 
     Values Postgres `numeric` cannot hold, or that no price or count could be, are None.
     """
+    number = _decimal(value)
+    if number is None:
+        return None
+    # One spelling per value, whichever encoding it came in: "300.0", 300.0, "300" and "3E+2"
+    # are all Decimal("300"), "385.50" is Decimal("385.5") (numeric keeps the scale it is given,
+    # so "300.0" and "300" would otherwise be stored differently by the two paths).
+    if number.is_zero():  # "-0.0" too
+        return _ZERO
+    number = number.normalize(_EXACT)
+    if number.as_tuple().exponent > 0:  # 3E+2: spelled 300
+        number = number.quantize(_ONE, context=_EXACT)
+    return number
+
+
+_ONE, _ZERO = Decimal(1), Decimal(0)
+# Precise enough for every value Postgres numeric holds: nothing is rounded.
+_EXACT = Context(prec=_DECIMAL_MAX_ADJUSTED + 1 - _DECIMAL_MIN_EXPONENT)
+
+
+def _decimal(value: Any) -> Decimal | None:
     if value is None or isinstance(value, bool):
         return None
     try:
@@ -133,15 +158,18 @@ def to_decimal(value: Any) -> Decimal | None:
 
 
 def to_text(value: Any) -> str | None:
-    """Text as received; numbers become their JSON spelling, containers are not text."""
+    """Text as received; numbers become their JSON spelling, containers are not text, and empty or
+    blank text (nothing but whitespace) is None: the push's `partnerids=` is GetCallback's null."""
     if type(value) is str:  # the common case, first
-        return value.replace(_NUL, "") if _NUL in value else value
-    if value is None or isinstance(value, dict | list | bool):
+        text = value.replace(_NUL, "") if _NUL in value else value
+    elif value is None or isinstance(value, dict | list | bool):
         return None
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    text = str(value)
-    return text.replace(_NUL, "") if _NUL in text else text
+    else:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        text = str(value)
+        text = text.replace(_NUL, "") if _NUL in text else text
+    return text if text and not text.isspace() else None
 
 
 # Provider field name (lower case) -> (record attribute, coercion).

@@ -143,6 +143,13 @@ class Settings(BaseSettings):
     push_grace_seconds: float = Field(0, ge=0)
     receiver_host: str = "127.0.0.1"
     receiver_port: int = Field(8098, ge=0, le=65535)
+    # Its worker processes (uvicorn's supervisor); unset: one per CPU, at most 4.
+    receiver_workers: int | None = Field(None, ge=1)
+    # /metrics of every worker, summed, served by the supervisor on RECEIVER_HOST; 0 turns it off.
+    receiver_metrics_port: int = Field(9810, ge=0, le=65535)
+    # prometheus_client's own variable: where the workers write their values (emptied at each
+    # start). Unset: a temporary directory, removed at the end.
+    prometheus_multiproc_dir: str | None = None
 
     # The outbound webhook (worker.webhook, docs/integration.md): every final-status event is
     # POSTed here as JSON, signed with HMAC-SHA256 of FINAL_WEBHOOK_SECRET; unset, nothing is

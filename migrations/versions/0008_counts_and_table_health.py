@@ -1,7 +1,7 @@
 """Operator reads that do not grow with the final rows: count tables, partial indexes, autovacuum
 
 Revision ID: 0008
-Revises: 0006
+Revises: 0007
 Create Date: 2026-12-02
 
 The views of 0003 counted the whole of `messages` at every query (1.4–2.5 s at 10M final rows).
@@ -38,7 +38,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0008"
-down_revision: str | None = "0006"
+down_revision: str | None = "0007"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

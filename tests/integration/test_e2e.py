@@ -69,6 +69,11 @@ def daemon_env(settings_url: str, redis_url: str, emulator_url: str, **extra: st
 def expected_row(truth: dict) -> dict:
     item = truth["item"]
     row = {column: item.get(field) for column, field in ITEM_FIELDS.items()}
+    # An empty value is no value: stored as NULL, whichever path brought it.
+    row = {
+        column: None if isinstance(value, str) and not value.strip() else value
+        for column, value in row.items()
+    }
     if row["total_price"] is not None:
         row["total_price"] = Decimal(str(row["total_price"]))
     return row

@@ -77,15 +77,15 @@ _SAMPLE_SUFFIXES = ("_bucket", "_count", "_sum", "_created")
 
 def defined_metrics() -> set[str]:
     """Every metric the code exports: the names given in worker/metrics.py and the receiver's
-    families, with the `_total` Prometheus adds to a counter's samples."""
+    (worker/receiver_metrics.py), with the `_total` Prometheus adds to a counter's samples."""
     names = set()
-    for module in ("metrics.py", "receiver.py"):
+    for module in ("metrics.py", "receiver_metrics.py"):
         source = (ROOT / "worker" / module).read_text()
         for kind, name in re.findall(
-            r"(Counter|Gauge|Histogram|CounterMetricFamily)\(\s*\"(esms_[a-z0-9_]+)\"", source
+            r"(Counter|Gauge|Histogram)\(\s*\"(esms_[a-z0-9_]+)\"", source
         ):
             names.add(name)
-            if kind in ("Counter", "CounterMetricFamily") and not name.endswith("_total"):
+            if kind == "Counter" and not name.endswith("_total"):
                 names.add(f"{name}_total")
     return names
 

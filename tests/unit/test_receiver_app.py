@@ -530,28 +530,3 @@ def test_record_from_fields_keeps_a_callback_url_the_push_names():
     assert record_from_fields({"smsid": " m ", "sendstatus": 2}, None).ref_id == "m"
     with pytest.raises(MalformedPush, match="SendStatus"):
         record_from_fields({"SMSID": "m", "SendStatus": "2.5"}, None)
-
-
-def test_metrics_show_the_stats_for_prometheus():
-    from prometheus_client.parser import text_string_to_metric_families
-
-    write = FakeWrite()
-
-    async def scenario(client):
-        await client.get(f"/esms/callback/{TOKEN}x", params={"SMSID": "m1", "SendStatus": "5"})
-        await client.get(PATH, params={"SMSID": "m1"})
-        response = await client.get("/metrics")
-        return response, (await client.get("/stats")).json()
-
-    response, stats = run(write, scenario)
-    assert response.status_code == 200
-    samples = {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(response.text)
-        for sample in family.samples
-    }
-    assert samples[("esms_receiver_pushes_total", (("outcome", "bad_token"),))] == 1
-    assert samples[("esms_receiver_pushes_total", (("outcome", "malformed"),))] == 1
-    assert samples[("esms_receiver_pushes_total", (("outcome", "db_unavailable"),))] == 0
-    assert samples[("esms_receiver_resolved_total", (("state", "failed"),))] == 0
-    assert stats["bad_token"] == 1 and stats["malformed"] == 1

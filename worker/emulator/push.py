@@ -4,7 +4,8 @@ Messages drawn as `pushed` (a `push_rate` fraction, see truth.py) have `--push-u
 CallbackUrl. At each of their status changes (visible with SendStatus 2, handed to the carrier
 with 7, final) the emulator sends one GET to that URL with the item as query parameters, in
 eSMS's names and case (`SMSID, SendFailed, SendStatus, ..., TypeId, telcoid, phonenumber,
-partnerids, error_info, oaid, tempid`; a null field is left out). ErrorInfo goes in whichever of
+partnerids, error_info, oaid, tempid`; a null field is sent empty, `RequestId=`, as eSMS's
+sample does). ErrorInfo goes in whichever of
 its documented forms the message drew, URL-encoded once more for the query string. A push that
 gets no answer within `push_timeout_s` (a timeout, or no connection at all) is sent again, at
 most 5 more times; any HTTP answer ends it, as eSMS documents.
@@ -184,8 +185,9 @@ def status_changes(message: Message) -> list[tuple[float, int]]:
 
 
 def push_query(item: dict[str, Any]) -> str:
-    """The item as eSMS's push query string: its names, every value as text, nulls left out."""
-    pairs = [(name, _as_text(item[key])) for key, name in PUSH_FIELDS if item.get(key) is not None]
+    """The item as eSMS's push query string: its names, every value as text, a null as an empty
+    value (eSMS's own sample ends in `partnerids=`)."""
+    pairs = [(name, _as_text(item.get(key))) for key, name in PUSH_FIELDS]
     return urlencode(pairs, quote_via=quote)
 
 
@@ -194,6 +196,8 @@ def push_target(base_url: str, item: dict[str, Any]) -> str:
 
 
 def _as_text(value: Any) -> str:
+    if value is None:
+        return ""
     return repr(value) if isinstance(value, float) else str(value)
 
 
