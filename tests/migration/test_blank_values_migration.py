@@ -17,7 +17,7 @@ pytestmark = pytest.mark.integration
 
 COLUMNS = ("request_id", "phone_number", "callback_url", "partner_ids", "error_info", "zns_temp_id")
 ROWS = 2_000
-BATCH = 150
+BATCH_PAGES = 5
 
 
 def _value(i: int, column: int) -> str | None:
@@ -56,8 +56,13 @@ def test_blank_values_become_null_and_nothing_else_changes(caplog):
         upgrade(url, "0006")
         _fill(url)
         before = _rows(url)
+        with psycopg.connect(libpq(url)) as conn:
+            pages = conn.execute(
+                "SELECT pg_relation_size('messages') / current_setting('block_size')::bigint"
+            ).fetchone()[0]
+        assert pages > 2 * BATCH_PAGES  # several batches, then the rest
         with caplog.at_level(logging.INFO, logger="alembic.runtime.migration"):
-            upgrade(url, "0007", blank_batch_rows=str(BATCH))
+            upgrade(url, "0007", blank_batch_pages=str(BATCH_PAGES))
         assert revision_of(url) == "0007"
         after = _rows(url)
         assert after.keys() == before.keys()
@@ -68,7 +73,7 @@ def test_blank_values_become_null_and_nothing_else_changes(caplog):
             assert after[ref_id] == expected, ref_id
         assert after[""] == (None,) * (1 + len(COLUMNS))
         # Every row but one in seven per column had a blank: each of the ROWS + 1 rows changed.
-        batches = ROWS // BATCH + 1  # full batches, then the rest up to the end
+        batches = -(-pages // BATCH_PAGES)  # full batches of pages, then the rest to the end
         assert f"{ROWS + 1} rows changed in {batches} batches" in caplog.text
         # Run again (a cut-short run is simply rerun): nothing left to change.
         with psycopg.connect(libpq(url)) as conn:
@@ -110,7 +115,7 @@ def test_a_writer_holding_rows_is_waited_for_briefly_and_never_stalled():
         writer.start()
         release.start()
         try:
-            elapsed = upgrade(url, "0007", blank_batch_rows=str(BATCH), lock_timeout="300ms")
+            elapsed = upgrade(url, "0007", blank_batch_pages=str(BATCH_PAGES), lock_timeout="300ms")
         finally:
             release.join()
             done.set()

@@ -148,7 +148,13 @@ def test_compose_provisions_prometheus_with_the_rules_and_grafana_with_the_dashb
     assert mounts["/etc/prometheus/alerts.yml"].name == "alerts.yml"
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     assert jobs["esms-worker"]["dns_sd_configs"][0]["port"] == 9808
-    assert jobs["esms-receiver"]["static_configs"][0]["targets"] == ["receiver:8098"]
+    # The receiver's supervisor serves every worker's counters on RECEIVER_METRICS_PORT.
+    from worker.settings import Settings
+
+    metrics_port = services["receiver"].get("environment", {}).get(
+        "RECEIVER_METRICS_PORT", Settings.model_fields["receiver_metrics_port"].default
+    )
+    assert jobs["esms-receiver"]["static_configs"][0]["targets"] == [f"receiver:{metrics_port}"]
     # The workers listen where Prometheus looks for them.
     assert str(services["worker"]["environment"]["METRICS_PORT"]) == "9808"
     provisioning = mounts["/etc/grafana/provisioning"]
