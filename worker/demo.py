@@ -49,15 +49,15 @@ DEMO_SECRET_KEY = "demo-secret"
 DEMO_OA_IDS = ("4318249720583317428", "1093652778042510386", "7725900316449816055")
 STATES = ("pending", "sent", "failed", "rejected", "expired")
 
-# The emulator's message life: final statuses arrive 5–40 s after the first poll, so the whole
-# run takes about a minute and every state shows up.
+# The emulator's message life: final statuses arrive 5–40 s after the first poll, so the whole run
+# takes about a minute and every state shows up (`--final-after-max` shortens it, as the test does).
 EMULATOR_KNOBS = {
     "latency-min-ms": "50",
     "latency-max-ms": "200",
-    "final-after-min-s": "5",
-    "final-after-max-s": "40",
     "success-rate": "0.85",
 }
+FINAL_AFTER_MIN_SECONDS = 5.0
+FINAL_AFTER_MAX_SECONDS = 40.0
 # Short intervals so that a message is seen final within seconds of becoming final.
 DEMO_POLL_INTERVAL_SECONDS = "2"
 DEMO_POLL_MAX_INTERVAL_SECONDS = "5"
@@ -97,6 +97,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--workdir", type=Path, default=ROOT / ".demo", help="logs and embedded servers (.demo)"
+    )
+    parser.add_argument(
+        "--final-after-max",
+        type=float,
+        default=FINAL_AFTER_MAX_SECONDS,
+        metavar="SECONDS",
+        help="the emulator makes a status final at most this long after the first poll "
+        f"({FINAL_AFTER_MAX_SECONDS:.0f}; and at least {FINAL_AFTER_MIN_SECONDS:.0f} s after it)",
     )
     parser.add_argument(
         "--seed-only",
@@ -221,7 +229,8 @@ class Demo:
         _step("Starting the eSMS emulator")
         emulator = self._start(cleanup, "emulator", self._emulator_command(), env)
         base_url = self._wait_for_ready_line(emulator)
-        print(f"  {base_url} (latency 50–200 ms, final after 5–40 s, success 85%)")
+        low, high = self._final_after()
+        print(f"  {base_url} (latency 50–200 ms, final after {low:g}–{high:g} s, success 85%)")
 
         _step(f"Inserting {self.args.messages:,} messages")
         seed(localservices.libpq_url(database_url), self.args.messages)
@@ -344,7 +353,12 @@ class Demo:
         command = [sys.executable, "-m", "worker.emulator", "--host", "127.0.0.1", "--port", "0"]
         for flag, value in EMULATOR_KNOBS.items():
             command += [f"--{flag}", value]
-        return command
+        low, high = self._final_after()
+        return command + ["--final-after-min-s", str(low), "--final-after-max-s", str(high)]
+
+    def _final_after(self) -> tuple[float, float]:
+        high = self.args.final_after_max
+        return min(FINAL_AFTER_MIN_SECONDS, high), high
 
     def _start(
         self, cleanup: contextlib.ExitStack, name: str, command: list[str], env: dict[str, str]

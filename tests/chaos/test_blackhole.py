@@ -40,7 +40,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.e2e]
 
 # Longer than LEASE_SECONDS (20, tests/chaos/audit.py): every lease held when the path died has
 # run out before it comes back, and so has any deadline the worker sets for one task.
-BLACKHOLE_SECONDS = 35
+BLACKHOLE_SECONDS = 25
 # From the end of the blackhole until every message is final. Generous: a session the server
 # still holds open for the dead connection keeps its locks until the daemon's server-side
 # timeout (idle_in_transaction_session_timeout) ends it.

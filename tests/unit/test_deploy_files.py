@@ -151,8 +151,10 @@ def test_compose_provisions_prometheus_with_the_rules_and_grafana_with_the_dashb
     # The receiver's supervisor serves every worker's counters on RECEIVER_METRICS_PORT.
     from worker.settings import Settings
 
-    metrics_port = services["receiver"].get("environment", {}).get(
-        "RECEIVER_METRICS_PORT", Settings.model_fields["receiver_metrics_port"].default
+    metrics_port = (
+        services["receiver"]
+        .get("environment", {})
+        .get("RECEIVER_METRICS_PORT", Settings.model_fields["receiver_metrics_port"].default)
     )
     assert jobs["esms-receiver"]["static_configs"][0]["targets"] == [f"receiver:{metrics_port}"]
     # The workers listen where Prometheus looks for them.
