@@ -327,7 +327,7 @@ def create_app(
     engine: Engine | None = None
     if write is None:
         # One writer thread: one connection, and one spare for the pool's ping and /healthz.
-        engine = store.make_engine(settings, pool_size=2)
+        engine = store.make_engine(settings, pool_size=2, application_name="esms-receiver")
         write = PushWriter(engine, on_retry=metrics.retries.inc)
         ping = ping or functools.partial(_select_one, engine)
     health = DatabaseHealth(ping) if ping is not None else None

@@ -30,7 +30,12 @@ _REDIS_CONNECTIONS = 32
 
 @lru_cache(maxsize=1)
 def engine() -> Engine:
-    return make_engine(get_settings(), pool_size=_DATABASE_CONNECTIONS, for_polling=True)
+    return make_engine(
+        get_settings(),
+        pool_size=_DATABASE_CONNECTIONS,
+        for_polling=True,
+        application_name="esms-worker",
+    )
 
 
 @lru_cache(maxsize=1)

@@ -57,7 +57,13 @@ _KEEPALIVES = {
 }
 
 
-def make_engine(settings: Settings, *, pool_size: int = 5, for_polling: bool = False) -> Engine:
+def make_engine(
+    settings: Settings,
+    *,
+    pool_size: int = 5,
+    for_polling: bool = False,
+    application_name: str = "esms-poller",
+) -> Engine:
     """The engine of a program, with deadlines on everything that can wait: connecting
     (DATABASE_CONNECT_TIMEOUT_SECONDS), each statement (DATABASE_STATEMENT_TIMEOUT_SECONDS, on
     the server), each lock (DATABASE_LOCK_TIMEOUT_SECONDS), a transaction left open (twice the
@@ -69,7 +75,10 @@ def make_engine(settings: Settings, *, pool_size: int = 5, for_polling: bool = F
     make wrong (a batch whose write is lost keeps its lease and is polled again when the lease
     ends), so they commit without waiting for the WAL flush (`synchronous_commit=off`); and it
     does not ping each connection before use: a connection that died with its server fails one
-    statement, the pool drops every connection it holds, and the batch is polled again."""
+    statement, the pool drops every connection it holds, and the batch is polled again.
+
+    `application_name` names the program's sessions in `pg_stat_activity` (esms-worker,
+    esms-receiver, esms-poller for the CLI), so an operator sees who holds a connection."""
     statement_ms = int(settings.database_statement_timeout_seconds * 1000)
     server = {
         "statement_timeout": statement_ms,
@@ -94,6 +103,7 @@ def make_engine(settings: Settings, *, pool_size: int = 5, for_polling: bool = F
         hide_parameters=True,
         connect_args={
             "connect_timeout": settings.database_connect_timeout_seconds,
+            "application_name": application_name,
             "options": options,
             **_KEEPALIVES,
         },

@@ -377,6 +377,19 @@ def test_truth_is_deterministic_across_processes() -> None:
     assert other_seed != here
 
 
+def test_each_oa_sends_from_its_own_few_templates() -> None:
+    def templates(oa: str, per_oa: int) -> set[str]:
+        knobs = TruthKnobs(seed=7, templates_per_oa=per_oa)
+        return {
+            decide(f"ref-{i}", oa, None, T0, knobs).final_item["ZnsTempId"] for i in range(2000)
+        }
+
+    assert len(templates("oa-1", 20)) == 20
+    assert len(templates("oa-1", 3)) == 3
+    assert templates("oa-1", 20) != templates("oa-2", 20)
+    assert len(templates("oa-1", 0)) > 1900  # the old world: any of 100,000 for every message
+
+
 def test_message_life_moves_forward_over_time(make_client: Any, clock: FakeClock) -> None:
     client = make_client(visible_after_s=1.0, final_after_min_s=3.0, final_after_max_s=5.0)
     refids = [f"r{i}" for i in range(60)]

@@ -76,6 +76,9 @@ class EmulatorConfig:
         0.02, "fraction of messages rejected (SendStatus 4), capped at 1 - success_rate"
     )
     no_callback_rate: float = _knob(0.0, "fraction of messages sent without CallbackUrl (no data)")
+    templates_per_oa: int = _knob(
+        20, "ZNS templates each OA sends from (ZnsTempId); 0: any of 100,000 for every message"
+    )
     numbers_as_strings_rate: float = _knob(0.0, "fraction of responses with numbers as strings")
     fault_5xx_rate: float = _knob(0.0, "fraction of requests answered HTTP 500/502/503")
     fault_slow_rate: float = _knob(0.0, "fraction of requests answered after slow_seconds")
@@ -153,6 +156,7 @@ class EmulatorConfig:
             success_rate=self.success_rate,
             rejected_rate=self.rejected_rate,
             no_callback_rate=self.no_callback_rate,
+            templates_per_oa=self.templates_per_oa,
             push_url=self.push_url,
             push_rate=self.push_rate if self.push_url is not None else 0.0,
         )

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+import zlib
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from enum import StrEnum
@@ -74,6 +75,7 @@ class TruthKnobs:
     success_rate: float = 0.85
     rejected_rate: float = 0.02
     no_callback_rate: float = 0.0
+    templates_per_oa: int = 20
     push_url: str | None = None
     push_rate: float = 0.0
 
@@ -166,6 +168,15 @@ class _Draws:
         return table[-1][0]
 
 
+def _template(oa_id: str, point: float, per_oa: int) -> str:
+    """The ZnsTempId of a message drawn at `point` (0..1): one of the OA's `per_oa` approved
+    templates (an OA sends from a few dozen at most), or with `per_oa` 0 any of 100,000."""
+    if per_oa <= 0:
+        return str(200000 + int(point * 100000))
+    first = zlib.crc32(oa_id.encode()) % 100000
+    return str(200000 + (first + int(point * per_oa) * 7919) % 100000)
+
+
 def decide(
     ref_id: str, oa_id: str, api_key: str | None, registered_at: float, knobs: TruthKnobs
 ) -> Message:
@@ -185,7 +196,7 @@ def decide(
         "PhoneNumber": f"0{'35789'[int(draws.unit() * 5)]}{int(draws.unit() * 1e8):08d}",
         "CallbackUrl": _CALLBACK_URLS[int(draws.unit() * len(_CALLBACK_URLS))],
         "Partnerids": draws.hex(20),
-        "ZnsTempId": str(200000 + int(draws.unit() * 100000)),
+        "ZnsTempId": _template(oa_id, draws.unit(), knobs.templates_per_oa),
     }
     price = _PRICES[int(draws.unit() * len(_PRICES))]
     success_has_json = draws.unit() < 0.6
