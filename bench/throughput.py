@@ -14,7 +14,11 @@ emulator's request log (arrival times, Codes) and /proc:
 - seconds from starting the worker(s) to the first request at the emulator;
 - the peak PSS of the worker process tree(s), sampled every 0.5 s;
 - worker and Postgres CPU per final RefId, from /proc between the first request and the drain
-  (Postgres: every `postgres` process plus the children it reaped meanwhile).
+  (Postgres: every `postgres` process plus the children it reaped meanwhile), and Postgres's
+  split by process: each session by its program (`application_name`), the WAL writer, the
+  checkpointer...;
+- after the drain, every backlog row compared with the emulator's truth (state, every reported
+  field, error code): the wrong rows.
 
 Worlds (`--scenario`, or `all`):
 
@@ -55,12 +59,14 @@ from pathlib import Path
 import httpx
 import psycopg
 from prometheus_client.parser import text_string_to_metric_families
+from psycopg.rows import dict_row
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchdb import PG_SERVER, drop_database, fresh_database  # noqa: E402
 
+from tests.chaos.audit import wrong_messages  # noqa: E402
 from tests.processes import (  # noqa: E402
     Children,
     celery,
@@ -127,6 +133,16 @@ def prepare_database(final_rows: int, backlog: int, accounts: list[str]) -> str:
             )
         conn.execute("VACUUM ANALYZE messages")
     return url
+
+
+def check_rows(url: str, emulator) -> tuple[int, list[tuple]]:
+    """Every backlog row against the emulator's truth (state, every reported field, error
+    code), after the drain: (rows checked, the wrong ones)."""
+    truth = emulator.admin("GET", "/truth")["messages"]
+    with psycopg.connect(url.replace("+psycopg", ""), row_factory=dict_row) as conn:
+        rows = conn.execute("SELECT * FROM messages WHERE ref_id NOT LIKE 'final-%'").fetchall()
+    stored = {row["ref_id"]: row for row in rows}
+    return len(stored), wrong_messages(stored, truth)
 
 
 # --- /proc -------------------------------------------------------------------------------------
@@ -440,6 +456,7 @@ def run(
             sampler.take()
             sampler.conn.close()
             log = emulator.admin("GET", "/requests", params={"refids": 0})["requests"]
+            checked, wrong = check_rows(url, emulator) if not scenario.idle_memory else (0, [])
             if dump_log:
                 Path(dump_log).write_text(json.dumps(log))
             retimed = sum((retimed_sends(port) for port in metric_ports), Counter())
@@ -484,6 +501,10 @@ def run(
         for account, (api_key, _) in keys.items()
         if account in busy
     }
+    result["rows_checked_against_truth"] = checked
+    result["wrong_rows"] = len(wrong)
+    if wrong:
+        result["examples_wrong"] = [list(map(str, item[:3])) for item in wrong[:5]]
     result["slots_given_up_before_sending"] = dict(retimed)
     if wire_stamps:
         result["max_posts_in_any_1s_window_on_wire"] = max_in_window(wire_stamps, 1.0)

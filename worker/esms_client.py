@@ -36,6 +36,10 @@ CODE_SMSID_NOT_FOUND = 105
 ACCOUNT_CODES = {101: "wrong ApiKey/SecretKey", 140: "IP not whitelisted", 143: "account locked"}
 OA_CODES = {204: "OAId does not exist", 799: "OAId inactive or not on the account"}
 _BODY_SAMPLE = 120
+# An idle connection is used again for at most this long. A poll may then hold it up to a
+# second more for its rate slot (worker.poller): together under the 5 s after which Apache and
+# uvicorn close an idle keep-alive connection.
+KEEPALIVE_SECONDS = 3.0
 # msgspec decodes an answer of 200 items in a third of the time of the json module; floats come
 # as exact Decimals, as they are written, like json.loads(parse_float=Decimal).
 _JSON = msgspec.json.Decoder(float_hook=Decimal)
@@ -48,7 +52,9 @@ class EsmsClient:
         self._url = base_url.rstrip("/") + GET_CALLBACK_PATH
         self._timeout = timeout_seconds
         limits = httpx.Limits(
-            max_connections=max_connections, max_keepalive_connections=max_connections
+            max_connections=max_connections,
+            max_keepalive_connections=max_connections,
+            keepalive_expiry=KEEPALIVE_SECONDS,
         )
         self._http = httpx.Client(timeout=httpx.Timeout(timeout_seconds), limits=limits)
 
@@ -64,17 +70,19 @@ class EsmsClient:
     ) -> list[CallbackRecord]:
         """`before_send` runs when the connection is ready and the request's first byte is
         about to be written (the rate limiter's last word); whatever it raises ends the call
-        with nothing sent."""
+        with nothing sent. It may wait (for a later rate slot, holding the connection): that
+        time is not the request's, and the deadline stands still meanwhile."""
         body = {
             "ApiKey": account.api_key.get_secret_value(),
             "SecretKey": account.secret_key.get_secret_value(),
             "ListRefid": list(ref_ids),
             "OAId": oa_id,
         }
-        extensions = {"trace": _call_before_headers(before_send)} if before_send else None
+        deadline = _RequestDeadline(self._timeout)
+        extensions = {"trace": _call_before_headers(before_send, deadline)} if before_send else None
         try:
-            with _whole_request_deadline(self._timeout):
-                status_code, content = self._post(body, extensions)
+            with deadline.running():
+                status_code, content = self._post(body, extensions, deadline)
         except _DeadlinePassed:
             raise ProviderUnavailable(f"no whole answer within {self._timeout:g}s") from None
         except httpx.TimeoutException as exc:
@@ -90,15 +98,16 @@ class EsmsClient:
             exc.args = (exc.reason,)
             raise
 
-    def _post(self, body: dict, extensions: dict | None) -> tuple[int, bytes]:
+    def _post(
+        self, body: dict, extensions: dict | None, deadline: _RequestDeadline
+    ) -> tuple[int, bytes]:
         """The answer's status and body, read as it comes: an answer that trickles in past the
         deadline is given up between two pieces (httpx's own timeouts bound each read only)."""
-        deadline = time.monotonic() + self._timeout
         with self._http.stream("POST", self._url, json=body, extensions=extensions) as response:
             chunks = []
             for chunk in response.iter_bytes():
                 chunks.append(chunk)
-                if time.monotonic() > deadline:
+                if deadline.passed():
                     raise _DeadlinePassed
             return response.status_code, b"".join(chunks)
 
@@ -107,23 +116,52 @@ class _DeadlinePassed(Exception):
     """The whole-request deadline passed."""
 
 
-@contextmanager
-def _whole_request_deadline(seconds: float) -> Iterator[None]:
-    """Under gevent (the worker), the deadline interrupts whatever the request waits on at that
-    very moment: the connection pool, connecting, sending, or a read. Elsewhere (tests, tools),
-    `_post` checks it between the pieces of the answer, and httpx's per-read timeout bounds the
-    wait for each piece."""
-    if not _gevent_sockets():
-        yield
-        return
-    import gevent
+class _RequestDeadline:
+    """One deadline for a whole request: connecting, sending and the whole answer, but not the
+    time `before_send` waits. Under gevent (the worker) it interrupts whatever the request
+    waits on at that very moment: the connection pool, connecting, sending, or a read.
+    Elsewhere (tests, tools), `_post` checks it between the pieces of the answer, and httpx's
+    per-read timeout bounds the wait for each piece."""
 
-    timeout = gevent.Timeout(seconds, _DeadlinePassed)
-    timeout.start()
-    try:
-        yield
-    finally:
-        timeout.close()
+    def __init__(self, seconds: float) -> None:
+        self._left = seconds
+        self._since: float | None = None
+        self._timer = None
+
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        self._start()
+        try:
+            yield
+        finally:
+            self._stop()
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        self._stop()
+        try:
+            yield
+        finally:
+            self._start()
+
+    def passed(self) -> bool:
+        return self._since is not None and time.monotonic() - self._since > self._left
+
+    def _start(self) -> None:
+        self._since = time.monotonic()
+        if _gevent_sockets():
+            import gevent
+
+            self._timer = gevent.Timeout(max(self._left, 0.001), _DeadlinePassed)
+            self._timer.start()
+
+    def _stop(self) -> None:
+        if self._timer is not None:
+            self._timer.close()
+            self._timer = None
+        if self._since is not None:
+            self._left -= time.monotonic() - self._since
+            self._since = None
 
 
 def _gevent_sockets() -> bool:
@@ -134,13 +172,16 @@ def _gevent_sockets() -> bool:
     return monkey.is_module_patched("socket")
 
 
-def _call_before_headers(before_send: Callable[[], object]) -> Callable[[str, dict], None]:
+def _call_before_headers(
+    before_send: Callable[[], object], deadline: _RequestDeadline
+) -> Callable[[str, dict], None]:
     """An httpcore trace callback that runs `before_send` as the request headers are about to
     be written: after any connecting, with nothing left between it and the socket."""
 
     def trace(event: str, _info: dict) -> None:
         if event == "http11.send_request_headers.started":
-            before_send()
+            with deadline.paused():
+                before_send()
 
     return trace
 

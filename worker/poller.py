@@ -90,42 +90,43 @@ def poll_batch(
         )  # fmt: skip
         return PollResult(Outcome.UNKNOWN_ACCOUNT, size, reason="account not configured")
 
-    budget = account.limiter_key
+    # The limiter has the last word as the request's first byte is about to leave; it also
+    # checks the cool-offs then: batches queued before a sibling batch was refused must not
+    # each spend a request the provider will refuse too.
     scopes = (account_scope(batch.account), oa_scope(batch.account, batch.oa_id))
-    waiting_since = time.monotonic()
-    deadline = waiting_since + MAX_LIMITER_WAIT_SECONDS
+    gate = _SendGate(
+        limiter,
+        account.limiter_key,
+        batch.account,
+        cooloffs.keys(*scopes),
+        time.monotonic() + MAX_LIMITER_WAIT_SECONDS,
+    )
     while True:
-        slot = limiter.wait_for_slot(budget, deadline - time.monotonic())
-        if slot is None:
-            why = f"no rate slot within {MAX_LIMITER_WAIT_SECONDS:.0f}s"
+        if not gate.take_slot():
             search.settle(batch, found=None, delay=0)
-            return _give_back(engine, batch, 0, Outcome.NO_SLOT, "no rate slot", why)
-        _count_slot(batch.account, slot, time.monotonic() - waiting_since)
-
-        # The limiter has the last word as the request's first byte is about to leave; it also
-        # checks the cool-offs then: batches queued before a sibling batch was refused must not
-        # each spend a request the provider will refuse too.
-        sent_at: list[int] = []
-        confirm = _confirming(limiter, slot, sent_at, cooloffs.keys(*scopes))
+            return _give_back(engine, batch, 0, Outcome.NO_SLOT, "no rate slot", _NO_SLOT_WHY)
         started = time.monotonic()
         try:
-            records = client.get_callback(account, batch.oa_id, batch.ref_ids, confirm)
+            records = client.get_callback(account, batch.oa_id, batch.ref_ids, gate.confirm)
             break
         except SlotRefused as refused:
-            if refused.reason == "blocked":
-                paused_for = refused.blocked_seconds
-                why = f"cooling off for {paused_for:.0f}s after a refusal"
-                search.settle(batch, found=None, delay=paused_for)
-                return _give_back(engine, batch, paused_for, Outcome.PAUSED, "cooling off", why)
-            metrics.SENDS_RETIMED.labels(batch.account, refused.reason).inc()
-            continue
+            if refused.reason == _RETAKE:
+                continue
+            if refused.reason == NO_SLOT:
+                search.settle(batch, found=None, delay=0)
+                why = _NO_SLOT_WHY
+                return _give_back(engine, batch, 0, Outcome.NO_SLOT, "no rate slot", why)
+            paused_for = refused.blocked_seconds
+            why = f"cooling off for {paused_for:.0f}s after a refusal"
+            search.settle(batch, found=None, delay=paused_for)
+            return _give_back(engine, batch, paused_for, Outcome.PAUSED, "cooling off", why)
         except ProviderError as exc:
-            elapsed = time.monotonic() - started
-            sent = sent_at[0] if sent_at else None
+            elapsed = time.monotonic() - (gate.sent_at or started)
             return _failed(
-                exc, elapsed, sent, batch, budget, settings, engine, limiter, cooloffs, search
-            )
-    elapsed = time.monotonic() - started
+                exc, elapsed, gate.sent_at_us, batch, account.limiter_key, settings, engine,
+                limiter, cooloffs, search,
+            )  # fmt: skip
+    elapsed = time.monotonic() - (gate.sent_at or started)
     metrics.count_request(batch.account, None, on_unknown=batch.kind == "lone")
     metrics.REQUEST_SECONDS.labels(batch.account).observe(elapsed)
     with store.single_statements(engine) as conn:
@@ -217,13 +218,75 @@ def _give_back(
     return PollResult(outcome, size, reason=reason)
 
 
-def _confirming(
-    limiter: RateLimiter, slot: Slot, sent_at: list[int], blocked_by: list[str]
-) -> Callable[[], None]:
-    def confirm() -> None:
-        sent_at.append(limiter.confirm(slot, blocked_by))
+# SlotRefused's reason when no slot comes before the poll's limiter deadline.
+NO_SLOT = "no_slot"
+_NO_SLOT_WHY = f"no rate slot within {MAX_LIMITER_WAIT_SECONDS:.0f}s"
+# ... and when the next slot is further away than a ready connection is held for: the
+# connection goes back, and the poll waits for its slot without it.
+_RETAKE = "retake"
+# A connection is held at most this long for the next slot. An idle connection the server
+# closes meanwhile fails the request it carries (HTTP keep-alive timeouts are 5 s in Apache and
+# uvicorn); EsmsClient keeps idle connections at most KEEPALIVE_SECONDS, so idle plus held stays
+# under that.
+_HOLD_SECONDS = 1.0
 
-    return confirm
+
+class _SendGate:
+    """A poll's rate slot and the limiter's last word on it, said by `confirm` as the request's
+    first byte is about to leave (EsmsClient's `before_send`). A slot refused there (woken too
+    late, taken before a rate cut, or the send log full) is replaced by the next one, waited
+    for right there, holding the connection that is ready: a connection that took longer to
+    make than a slot may be late (a TLS handshake across the internet) is used on the next
+    slot, instead of being closed with the refused one and made again for the next slot, late
+    again, for ever. A next slot further than _HOLD_SECONDS away raises SlotRefused(_RETAKE):
+    the connection goes back and the poll takes its slot without it. No slot before `deadline`
+    raises SlotRefused(NO_SLOT); a cool-off raises SlotRefused("blocked") at once."""
+
+    def __init__(
+        self,
+        limiter: RateLimiter,
+        budget: str,
+        account: str,
+        blocked_by: list[str],
+        deadline: float,
+    ) -> None:
+        self.limiter = limiter
+        self.budget = budget
+        self.account = account
+        self.blocked_by = blocked_by
+        self.deadline = deadline
+        self.waiting_since = time.monotonic()
+        self.slot: Slot | None = None
+        self.sent_at_us: int | None = None  # Redis's clock, once the send is recorded
+        self.sent_at: float | None = None  # the same moment, monotonic
+
+    def take_slot(self, within: float | None = None) -> bool:
+        """Wait for the budget's next slot; False when none comes before the deadline (or
+        within `within` seconds)."""
+        left = self.deadline - time.monotonic()
+        wait = left if within is None else min(left, within)
+        slot = self.limiter.wait_for_slot(self.budget, wait)
+        if slot is None:
+            return False
+        _count_slot(self.account, slot, time.monotonic() - self.waiting_since)
+        self.slot = slot
+        return True
+
+    def confirm(self) -> None:
+        while True:
+            assert self.slot is not None, "take_slot first"
+            try:
+                self.sent_at_us = self.limiter.confirm(self.slot, self.blocked_by)
+                self.sent_at = time.monotonic()
+                return
+            except SlotRefused as refused:
+                if refused.reason == "blocked":
+                    raise
+                metrics.SENDS_RETIMED.labels(self.account, refused.reason).inc()
+            if time.monotonic() >= self.deadline:
+                raise SlotRefused(NO_SLOT)
+            if not self.take_slot(within=_HOLD_SECONDS):
+                raise SlotRefused(_RETAKE)
 
 
 def _count_slot(account: str, slot: Slot, waited: float) -> None:

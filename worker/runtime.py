@@ -24,6 +24,11 @@ from worker.ratelimit import RateLimiter, RatePolicy
 from worker.settings import get_settings
 from worker.store import make_engine
 
+# Connections a worker keeps open. No overflow beyond them: when the machine is short of CPU,
+# statements slow down, more polls hold a connection at once, and every connection opened past
+# the pool was closed again at its return, so each poll paid Postgres a new backend (fork,
+# catalog caches, prepared statements again): 150 µs of Postgres CPU per RefId with four busy
+# accounts on two cores (docs/benchmarks.md). A poll waits for a free connection instead.
 _DATABASE_CONNECTIONS = 10
 _REDIS_CONNECTIONS = 32
 
@@ -33,6 +38,7 @@ def engine() -> Engine:
     return make_engine(
         get_settings(),
         pool_size=_DATABASE_CONNECTIONS,
+        max_overflow=0,
         for_polling=True,
         application_name="esms-worker",
     )

@@ -61,6 +61,7 @@ def make_engine(
     settings: Settings,
     *,
     pool_size: int = 5,
+    max_overflow: int = 2,
     for_polling: bool = False,
     application_name: str = "esms-poller",
 ) -> Engine:
@@ -95,7 +96,7 @@ def make_engine(
     return create_engine(
         settings.sqlalchemy_url,
         pool_size=pool_size,
-        max_overflow=2,
+        max_overflow=max_overflow,
         pool_pre_ping=not for_polling,
         pool_recycle=1800,
         # A checkout waits for a free connection at most this long, then fails its task.

@@ -388,3 +388,29 @@ def test_the_limiters_last_word_comes_as_the_request_leaves(emulator, make_setti
         client.close()
     assert seen == [0, "sent"]
     assert len(emulator.admin("GET", "/requests")["requests"]) == 1
+
+
+def test_a_connection_slower_than_the_late_tolerance_still_sends(poll, emulator, monkeypatch):
+    """Reaching the provider takes longer than a slot may be late (a TLS handshake across the
+    internet takes a few round trips): the connection made while that slot passed is kept, the
+    poll takes the next slot holding it, and the request leaves on time over it. (Giving the
+    connection up with the slot made every slot late: each new slot opened a new connection.)"""
+    from httpcore._backends.sync import SyncBackend
+
+    connect = SyncBackend.connect_tcp
+    connects = []
+
+    def slow_connect(self, *args, **kwargs):
+        connects.append(time.monotonic())
+        time.sleep(0.08)  # four times the late tolerance (19.8 ms at the defaults)
+        return connect(self, *args, **kwargs)
+
+    emulator.admin("POST", "/reset")
+    monkeypatch.setattr(SyncBackend, "connect_tcp", slow_connect)
+    started = time.monotonic()
+    result = poll(["slow-connect-1", "slow-connect-2"])
+    assert result.outcome is poller.Outcome.DONE, result
+    assert len(connects) == 1
+    assert time.monotonic() - started < 2
+    monkeypatch.undo()
+    assert len(emulator.admin("GET", "/requests")["requests"]) == 1

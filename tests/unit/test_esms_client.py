@@ -6,6 +6,7 @@ No network: responses are parsed directly, and requests go through `httpx.MockTr
 from __future__ import annotations
 
 import json
+import time
 from decimal import Decimal
 
 import httpx
@@ -417,3 +418,16 @@ def test_close_twice_is_harmless():
     client = EsmsClient(BASE_URL, 1.0)
     client.close()
     client.close()
+
+
+def test_the_request_deadline_stands_still_while_before_send_waits() -> None:
+    """The time `before_send` spends waiting for a later rate slot is not the request's."""
+    from worker.esms_client import _RequestDeadline
+
+    deadline = _RequestDeadline(0.1)
+    with deadline.running():
+        with deadline.paused():
+            time.sleep(0.2)
+        assert not deadline.passed()
+        time.sleep(0.15)
+        assert deadline.passed()
