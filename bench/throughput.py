@@ -31,6 +31,9 @@ Worlds (`--scenario`, or `all`):
     strict      1 busy account against a provider that allows 18 per second and counts
                 refused requests too (`--rate-limit 18 --count-refused`)
     idle-memory 4 accounts configured, nothing to poll: PSS of an idle worker after 20 s
+    tls         1 busy account, 2 idle accounts, the provider over HTTPS whose handshake takes
+                60 ms (a 30 ms round trip: bench/slowtls.py in front of the emulator), so a new
+                connection is slower than a rate slot may be late
 
     .venv/bin/python bench/throughput.py --scenario one
     .venv/bin/python bench/throughput.py --scenario all      # every world, ~7 minutes
@@ -46,6 +49,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import signal
 import sys
@@ -94,6 +98,8 @@ class Scenario:
     provider_limit: int = RATE_LIMIT
     count_refused: bool = False
     idle_memory: bool = False
+    # The provider behind TLS whose handshake takes this long (bench/slowtls.py); 0: plain HTTP.
+    tls_handshake_ms: float = 0
 
 
 SCENARIOS = {
@@ -105,6 +111,7 @@ SCENARIOS = {
     "four": Scenario(busy=4),
     "strict": Scenario(provider_limit=18, count_refused=True),
     "idle-memory": Scenario(busy=0, idle=4, idle_memory=True),
+    "tls": Scenario(idle=2, tls_handshake_ms=60),
 }
 
 
@@ -299,6 +306,26 @@ class Sampler(threading.Thread):
         return dict(breakdown)
 
 
+def start_slow_tls(children: Children, upstream: str, delay_ms: float, directory: Path) -> str:
+    """bench/slowtls.py in front of the emulator at `upstream`; its https URL."""
+    child = children.spawn(
+        "slowtls",
+        [
+            sys.executable, str(ROOT / "bench" / "slowtls.py"),
+            "--upstream", upstream.removeprefix("http://"),
+            "--delay-ms", str(delay_ms), "--dir", str(directory),
+        ],
+        child_env(),
+    )  # fmt: skip
+    port = wait_for(
+        lambda: (found := re.search(r"listening (\d+)", child.log())) and found.group(1),
+        timeout=20,
+        interval=0.1,
+        message="TLS front listening",
+    )
+    return f"https://127.0.0.1:{port}"
+
+
 def start_wire_capture(children: Children, port: int):
     """`tcpdump` on lo printing one line per TCP segment to the emulator that starts with "POST"
     (kernel timestamps); None when tcpdump is not installed."""
@@ -405,6 +432,12 @@ def run(
                 flags.append("--count-refused")
             emulator = start_emulator(children, *flags)
             wire = start_wire_capture(children, int(emulator.url.rsplit(":", 1)[1]))
+            provider_url, tls_env = emulator.url, {}
+            if scenario.tls_handshake_ms:
+                provider_url = start_slow_tls(
+                    children, emulator.url, scenario.tls_handshake_ms, Path(tmp)
+                )
+                tls_env = {"SSL_CERT_FILE": str(Path(tmp) / "cert.pem")}
             default_key, default_secret = keys["default"]
             others = {
                 account: {"api_key": api_key, "secret_key": secret}
@@ -414,7 +447,8 @@ def run(
             env = child_env(
                 DATABASE_URL=url,
                 REDIS_URL=REDIS_URL,
-                ESMS_BASE_URL=emulator.url,
+                ESMS_BASE_URL=provider_url,
+                **tls_env,
                 ESMS_API_KEY=default_key,
                 ESMS_SECRET_KEY=default_secret,
                 ESMS_ACCOUNTS=json.dumps(others),
