@@ -513,3 +513,21 @@ def test_every_program_waits_for_postgres_within_its_deadlines(engine, make_sett
             assert len(store.claim_batches(conn, "default", 1, 200, 60)) == 1
     finally:
         polling.dispose()
+
+
+def test_the_worker_names_its_sessions_and_opens_none_beyond_its_pool(make_settings, monkeypatch):
+    """`pg_stat_activity` says which program holds a session; the worker's pool has no overflow
+    (a connection opened past the pool was closed at its return: a new backend per poll)."""
+    from worker import runtime
+
+    monkeypatch.setenv("DATABASE_URL", make_settings().database_url.get_secret_value())
+    runtime.engine.cache_clear()
+    engine = runtime.engine()
+    try:
+        with engine.connect() as conn:
+            name = conn.execute(text("SELECT current_setting('application_name')")).scalar()
+        assert name == "esms-worker"
+        assert engine.pool.size() == 10 and engine.pool._max_overflow == 0
+    finally:
+        engine.dispose()
+        runtime.engine.cache_clear()
