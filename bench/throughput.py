@@ -36,7 +36,7 @@ Worlds (`--scenario`, or `all`):
                 connection is slower than a rate slot may be late
 
     .venv/bin/python bench/throughput.py --scenario one
-    .venv/bin/python bench/throughput.py --scenario all      # every world, ~7 minutes
+    .venv/bin/python bench/throughput.py --scenario all      # every world, ~10 minutes
     .venv/bin/python bench/throughput.py --scenario one --webhook   # with FINAL_WEBHOOK_URL set
 
 BENCH_DATABASE (default esms_bench) and BENCH_REDIS_URL name the databases it uses.
@@ -188,16 +188,17 @@ def _tree(pid: int) -> list[int]:
     return found
 
 
-def cpu_seconds(pids: list[int], reaped: bool = False) -> float:
-    """CPU seconds of `pids` (user + system); with `reaped`, also of their waited-for children."""
-    total = 0.0
-    for pid in pids:
-        fields = _stat(pid)
-        if fields:
-            total += sum(int(value) for value in fields[11:13]) / CLOCK_TICKS
-            if reaped:
-                total += sum(int(value) for value in fields[13:15]) / CLOCK_TICKS
-    return total
+def cpu_seconds(pids: list[int]) -> float:
+    """CPU seconds of `pids` (user + system)."""
+    return sum(_cpu(pid, reaped=False) or 0.0 for pid in pids)
+
+
+def _cpu(pid: int, reaped: bool) -> float | None:
+    """CPU seconds of `pid`; with `reaped`, also of the children it waited for. None if gone."""
+    fields = _stat(pid)
+    if not fields:
+        return None
+    return sum(int(value) for value in fields[11 : 15 if reaped else 13]) / CLOCK_TICKS
 
 
 def pss_kib(pids: list[int]) -> int:
@@ -220,12 +221,8 @@ def postgres_pids() -> list[int]:
 def postgres_cpu(pids: list[int]) -> dict[int, float]:
     """CPU seconds of each `postgres` process; the postmaster's also counts the sessions it
     reaped (a connection that ended)."""
-    found = {}
-    for pid in pids:
-        fields = _stat(pid)
-        if fields:
-            found[pid] = sum(int(value) for value in fields[11:15]) / CLOCK_TICKS
-    return found
+    found = {pid: _cpu(pid, reaped=True) for pid in pids}
+    return {pid: seconds for pid, seconds in found.items() if seconds is not None}
 
 
 def postgres_roles(conn: psycopg.Connection) -> dict[int, str]:

@@ -126,6 +126,7 @@ class _RequestDeadline:
     def __init__(self, seconds: float) -> None:
         self._left = seconds
         self._since: float | None = None
+        self._green = _gevent_sockets()
         self._timer = None
 
     @contextmanager
@@ -149,7 +150,7 @@ class _RequestDeadline:
 
     def _start(self) -> None:
         self._since = time.monotonic()
-        if _gevent_sockets():
+        if self._green:
             import gevent
 
             self._timer = gevent.Timeout(max(self._left, 0.001), _DeadlinePassed)

@@ -101,21 +101,16 @@ def poll_batch(
         cooloffs.keys(*scopes),
         time.monotonic() + MAX_LIMITER_WAIT_SECONDS,
     )
-    while True:
-        if not gate.take_slot():
-            search.settle(batch, found=None, delay=0)
-            return _give_back(engine, batch, 0, Outcome.NO_SLOT, "no rate slot", _NO_SLOT_WHY)
+    records = None
+    while records is None and gate.take_slot():
         started = time.monotonic()
         try:
             records = client.get_callback(account, batch.oa_id, batch.ref_ids, gate.confirm)
-            break
         except SlotRefused as refused:
             if refused.reason == _RETAKE:
                 continue
             if refused.reason == NO_SLOT:
-                search.settle(batch, found=None, delay=0)
-                why = _NO_SLOT_WHY
-                return _give_back(engine, batch, 0, Outcome.NO_SLOT, "no rate slot", why)
+                break
             paused_for = refused.blocked_seconds
             why = f"cooling off for {paused_for:.0f}s after a refusal"
             search.settle(batch, found=None, delay=paused_for)
@@ -126,6 +121,10 @@ def poll_batch(
                 exc, elapsed, gate.sent_at_us, batch, account.limiter_key, settings, engine,
                 limiter, cooloffs, search,
             )  # fmt: skip
+    if records is None:
+        search.settle(batch, found=None, delay=0)
+        why = f"no rate slot within {MAX_LIMITER_WAIT_SECONDS:.0f}s"
+        return _give_back(engine, batch, 0, Outcome.NO_SLOT, "no rate slot", why)
     elapsed = time.monotonic() - (gate.sent_at or started)
     metrics.count_request(batch.account, None, on_unknown=batch.kind == "lone")
     metrics.REQUEST_SECONDS.labels(batch.account).observe(elapsed)
@@ -220,7 +219,6 @@ def _give_back(
 
 # SlotRefused's reason when no slot comes before the poll's limiter deadline.
 NO_SLOT = "no_slot"
-_NO_SLOT_WHY = f"no rate slot within {MAX_LIMITER_WAIT_SECONDS:.0f}s"
 # ... and when the next slot is further away than a ready connection is held for: the
 # connection goes back, and the poll waits for its slot without it.
 _RETAKE = "retake"

@@ -414,3 +414,29 @@ def test_a_connection_slower_than_the_late_tolerance_still_sends(poll, emulator,
     assert time.monotonic() - started < 2
     monkeypatch.undo()
     assert len(emulator.admin("GET", "/requests")["requests"]) == 1
+
+
+def test_a_poll_whose_slot_lies_beyond_its_wait_gives_its_batch_back_unsent(
+    poll, emulator, make_settings, engine
+):
+    """The budget's next slot is a minute away (other polls took them all): the poll sends
+    nothing, at once, and its rows are due again."""
+    from worker.ratelimit import _STATE_PREFIX
+
+    settings = make_settings(esms_base_url=emulator.url)
+    client = redis.Redis.from_url(settings.redis_url.get_secret_value())
+    seconds, micros = client.time()
+    budget = _STATE_PREFIX + settings.accounts["default"].limiter_key
+    client.hset(budget, "tat", str((seconds + 60) * 1_000_000 + micros))
+    emulator.admin("POST", "/reset")
+    started = time.monotonic()
+    result = poll(["no-slot-1"])
+    assert result.outcome is poller.Outcome.NO_SLOT
+    assert time.monotonic() - started < 2
+    assert emulator.admin("GET", "/requests")["requests"] == []
+    with engine.begin() as conn:
+        due = conn.execute(
+            text("SELECT next_poll_at <= now(), lease_id FROM messages WHERE ref_id = 'no-slot-1'")
+        ).one()
+    assert tuple(due) == (True, None)
+    client.delete(budget)
