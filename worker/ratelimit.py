@@ -198,6 +198,7 @@ class Slot:
     epoch: int
     rate: float  # requests/s the budget allowed when the slot was taken
     recovered: bool = False  # this caller saw the rate back to full after a cut
+    due: float = 0.0  # the slot on this process's clock (time.monotonic)
 
 
 @dataclass(frozen=True)
@@ -240,9 +241,12 @@ class RateLimiter:
         self._confirm = client.register_script(_CONFIRM)
         self._congestion = client.register_script(_CONGESTION)
 
-    def wait_for_slot(self, budget: str, max_wait_seconds: float) -> Slot | None:
-        """Take the budget's next slot and sleep until it; None when it would come later than
-        `max_wait_seconds` from now (the caller gives its work back).
+    def wait_for_slot(
+        self, budget: str, max_wait_seconds: float, lead_seconds: float = 0.0
+    ) -> Slot | None:
+        """Take the budget's next slot and sleep until `lead_seconds` before it (the caller
+        gets its request ready meanwhile, and waits the rest out with `Slot.due`); None when it
+        would come later than `max_wait_seconds` from now (the caller gives its work back).
 
         Slots are handed out at most `HORIZON_SECONDS` ahead; a caller further back in the line
         sleeps until its turn is about half that away and asks again. So the line holds at most
@@ -255,9 +259,10 @@ class RateLimiter:
             )
             wait = wait_us / 1e6
             if granted:
-                if wait > 0:
-                    time.sleep(wait)
-                return Slot(budget, slot_us, epoch, rate_millis / 1000, bool(back))
+                due = time.monotonic() + wait
+                if wait > lead_seconds:
+                    time.sleep(wait - lead_seconds)
+                return Slot(budget, slot_us, epoch, rate_millis / 1000, bool(back), due)
             if time.monotonic() + wait > deadline:
                 return None
             time.sleep(max(wait - HORIZON_SECONDS / 2, 0.001))

@@ -1,7 +1,7 @@
 """The scheduler: claims due RefIds in Postgres, groups them into requests and queues them.
 
-Beat runs `schedule_tick` every `SCHEDULE_TICK_SECONDS`. One tick, in one short transaction under
-an advisory lock (so two beats are harmless): give new rows their first poll time, expire rows past
+Beat runs `schedule_tick` every `SCHEDULE_TICK_SECONDS`. One tick, in a short transaction under an
+advisory lock (so two beats are harmless): give new rows their first poll time, expire rows past
 the maximum age, drop lapsed leases, then for each configured account claim just enough due rows
 to keep `SCHEDULE_LOOKAHEAD_SECONDS` of its rate budget in flight. Claiming is one statement per
 account (`store.claim_batches`): the due rows are grouped by OAId into batches of at most
@@ -10,6 +10,12 @@ wait a little for more) and leased there, so a tick costs the worker next to no 
 the commit are the batches handed to the queue, one batch of each account in turn. The queue
 therefore never holds much more than the limiter can drain in a couple of seconds, and
 `next_poll_at` in Postgres, not a Celery ETA, is the schedule.
+
+An account that wants more than half a second of its rate (a worker that starts with a due
+backlog, an idle account that gets busy) is claimed in two rounds: half a second's worth in the
+tick's transaction, queued at once, and the rest in a second short transaction under the same
+lock. A claim costs Postgres about 12 ms per batch, so the default three seconds' worth in one
+round kept the first request waiting half a second for it.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from itertools import chain, zip_longest
 
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 
 from worker import clocks, metrics, store
 from worker.cooloff import CoolOffs, account_scope
@@ -47,6 +53,16 @@ def batches_wanted(settings: Settings, in_flight: int) -> int:
     """How many more requests one account may have queued or running right now."""
     target = math.ceil(settings.effective_rate_per_second * settings.schedule_lookahead_seconds)
     return max(0, target - in_flight)
+
+
+# A tick's first round claims at most this much of an account's rate; the rest waits for the
+# second round, after the first round's batches are queued.
+FIRST_ROUND_SECONDS = 0.5
+
+
+def first_round(settings: Settings, wanted: int) -> int:
+    """How many of the `wanted` batches an account gets in a tick's first round."""
+    return min(wanted, math.ceil(settings.effective_rate_per_second * FIRST_ROUND_SECONDS))
 
 
 _UNPOLLABLE_CHECK_SECONDS = 300.0
@@ -110,6 +126,7 @@ def schedule_tick(
         skip_oas = {name: cooloffs.paused_oas(name) for name in accounts}
         metrics.set_cooling_off(accounts, paused_accounts, skip_oas)
         accounts = [name for name in accounts if name not in paused_accounts]
+    claim = _Claim(settings, skip_oas, notfound)
     with engine.begin() as conn:
         if not store.try_scheduler_lock(conn):
             report.skipped = True
@@ -126,33 +143,24 @@ def schedule_tick(
         report.lapsed = store.drop_lapsed_batches(conn)
         if report.expired or _unpollable_check_due():
             _report_unpollable(store.unpollable(conn, list(settings.accounts)))
-        in_flight = store.inflight_batches(conn)
-        per_account: list[list[Batch]] = []
-        for name in accounts:
-            wanted = batches_wanted(settings, in_flight.get(name, 0))
-            if wanted == 0:
-                continue
-            limits = notfound.limits(name) if notfound is not None else None
-            batches = store.claim_batches(
-                conn,
-                name,
-                wanted,
-                settings.esms_batch_size,
-                settings.lease_seconds,
-                skip_oas.get(name, ()),
-                settings.poll_batch_fill_seconds,
-                limits=limits,
-            )
-            per_account.append(batches)
-        report.batches = interleave_accounts(per_account)
+        first = claim.round(conn, accounts, first_round)
+    report.batches = first
+    if first:
+        enqueue(first)
+    more = [name for name in accounts if claim.left.get(name)]
+    if more:
+        with engine.begin() as conn:
+            # Another tick that took the lock meanwhile claims for itself.
+            rest = claim.round(conn, more) if store.try_scheduler_lock(conn) else []
+        report.batches = first + rest
+        if rest:
+            enqueue(rest)
     metrics.TICKS.labels("run").inc()
     metrics.SCHEDULER_LAST_TICK.set_to_current_time()
     if report.expired:
         metrics.RESOLVED.labels("expired").inc(report.expired)
     for batch in report.batches:
         metrics.BATCHES_QUEUED.labels(batch.account).inc()
-    if report.batches:
-        enqueue(report.batches)
     metrics.refresh_backlog(engine, settings)
     if report.initialized or report.expired or report.lapsed or report.batches:
         log.info(
@@ -164,3 +172,51 @@ def schedule_tick(
             sum(len(batch.ref_ids) for batch in report.batches),
         )
     return report
+
+
+class _Claim:
+    """A tick's claims, one round at a time (see the module docstring): each round claims what
+    each account wants now, or with `cap` only part of it, and remembers in `left` the accounts
+    that want more."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        skip_oas: dict[str, list[str]],
+        notfound: NotFoundTracker | None,
+    ) -> None:
+        self.settings = settings
+        self.skip_oas = skip_oas
+        self.notfound = notfound
+        self.left: dict[str, int] = {}
+
+    def round(
+        self,
+        conn: Connection,
+        accounts: Sequence[str],
+        cap: Callable[[Settings, int], int] | None = None,
+    ) -> list[Batch]:
+        settings = self.settings
+        in_flight = store.inflight_batches(conn)
+        per_account: list[list[Batch]] = []
+        for name in accounts:
+            wanted = batches_wanted(settings, in_flight.get(name, 0))
+            now = cap(settings, wanted) if cap is not None else wanted
+            self.left[name] = wanted - now
+            if now == 0:
+                continue
+            limits = self.notfound.limits(name) if self.notfound is not None else None
+            batches = store.claim_batches(
+                conn,
+                name,
+                now,
+                settings.esms_batch_size,
+                settings.lease_seconds,
+                self.skip_oas.get(name, ()),
+                settings.poll_batch_fill_seconds,
+                limits=limits,
+            )
+            if len(batches) < now:
+                self.left[name] = 0  # nothing more is due
+            per_account.append(batches)
+        return interleave_accounts(per_account)

@@ -370,6 +370,51 @@ def test_scheduler_keeps_queue_short(engine, make_settings):
     assert ticks >= 2 and age.total_seconds() < 5
 
 
+def test_a_tick_queues_half_a_second_of_batches_before_claiming_the_rest(engine, make_settings):
+    # A worker that starts with a due backlog: its first request must not wait for the claim
+    # of the whole lookahead.
+    settings = make_settings(esms_batch_size=10, schedule_lookahead_seconds=3)
+    insert(engine, [{"ref_id": f"h{i}", "oa_id": "oa"} for i in range(5000)])
+    wanted = scheduler.batches_wanted(settings, 0)
+    first = scheduler.first_round(settings, wanted)
+    assert 0 < first < wanted
+    queued, leased_when_queued = [], []
+
+    def enqueue(batches):
+        with engine.connect() as conn:
+            leased = "SELECT count(*) FROM messages WHERE lease_id IS NOT NULL"
+            leased_when_queued.append(conn.execute(text(leased)).scalar())
+        queued.append(len(batches))
+
+    report = scheduler.schedule_tick(engine, settings, enqueue)
+    assert queued == [first, wanted - first]
+    assert leased_when_queued == [first * 10, wanted * 10]
+    assert len(report.batches) == wanted
+
+
+def test_the_second_round_leaves_the_rest_to_a_tick_that_holds_the_lock(engine, make_settings):
+    settings = make_settings(esms_batch_size=10, schedule_lookahead_seconds=3)
+    insert(engine, [{"ref_id": f"l{i}", "oa_id": "oa"} for i in range(5000)])
+    wanted = scheduler.batches_wanted(settings, 0)
+    first = scheduler.first_round(settings, wanted)
+    other = engine.connect()
+    lock = text("SELECT pg_advisory_lock(:key)")
+
+    def enqueue(_batches):
+        # Another tick (a second beat) takes the lock between the two rounds.
+        other.execute(lock, {"key": store._SCHEDULER_LOCK})
+
+    try:
+        report = scheduler.schedule_tick(engine, settings, enqueue)
+    finally:
+        other.execute(text("SELECT pg_advisory_unlock_all()"))
+        other.close()
+    assert len(report.batches) == first
+    # The next tick claims what the second round left.
+    again = scheduler.schedule_tick(engine, settings, lambda batches: None)
+    assert len(again.batches) == wanted - first
+
+
 def test_two_accounts_alternate_in_the_queue(engine, make_settings):
     settings = make_settings(
         esms_batch_size=10,
