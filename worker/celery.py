@@ -13,6 +13,7 @@ its metrics endpoint (worker.metrics) and one line naming its accounts.
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from datetime import timedelta
 
 from celery import Celery
@@ -36,7 +37,8 @@ log = logging.getLogger(__name__)
 
 
 class RedisTransport(kombu_redis.Transport):
-    """kombu's Redis transport, except that a lost connection cannot stop the worker for good.
+    """kombu's Redis transport, except that a lost connection cannot stop the worker for good,
+    and that a channel does not build a redis-py client for every message it sends.
 
     When the broker goes away (a Redis restart), Celery closes the channel and detaches it from
     the transport; tasks that were running then still acknowledge their messages (late acks)
@@ -46,9 +48,28 @@ class RedisTransport(kombu_redis.Transport):
     can be sent through a dead connection anyway, so these become no-ops: Redis hands out an
     unacknowledged task again after the visibility timeout, where it finds its batch gone, and
     a batch's Postgres lease returns its RefIds sooner.
+
+    kombu's channel builds a new redis-py client for each message it sends without one at hand:
+    every task queued and each of the four Celery events of a poll (sent, received, started,
+    succeeded). Building one costs 176 µs, more than the publish it is for (109 µs); a client
+    holds no connection of its own (each command borrows one from the pool), so the channel
+    keeps one per connection pool and uses it again.
     """
 
     class Channel(kombu_redis.Channel):
+        _shared_client = None
+
+        @contextmanager
+        def conn_or_acquire(self, client=None):
+            if client:
+                yield client
+                return
+            shared = self._shared_client
+            # A pool dropped after a lost connection is replaced by a new one: so is the client.
+            if shared is None or shared.connection_pool is not self.pool:
+                shared = self._shared_client = self._create_client()
+            yield shared
+
         class QoS(kombu_redis.QoS):
             def _detached(self) -> bool:
                 transport = self.channel.connection

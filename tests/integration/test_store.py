@@ -564,8 +564,10 @@ def test_the_worker_names_its_sessions_and_opens_none_beyond_its_pool(make_setti
     """`pg_stat_activity` says which program holds a session; the worker's pool has no overflow
     (a connection opened past the pool was closed at its return: a new backend per poll)."""
     from worker import runtime
+    from worker.settings import get_settings
 
     monkeypatch.setenv("DATABASE_URL", make_settings().database_url.get_secret_value())
+    get_settings.cache_clear()
     runtime.engine.cache_clear()
     engine = runtime.engine()
     try:
@@ -576,3 +578,4 @@ def test_the_worker_names_its_sessions_and_opens_none_beyond_its_pool(make_setti
     finally:
         engine.dispose()
         runtime.engine.cache_clear()
+        get_settings.cache_clear()
