@@ -11,11 +11,11 @@ the commit are the batches handed to the queue, one batch of each account in tur
 therefore never holds much more than the limiter can drain in a couple of seconds, and
 `next_poll_at` in Postgres, not a Celery ETA, is the schedule.
 
-An account that wants more than half a second of its rate (a worker that starts with a due
-backlog, an idle account that gets busy) is claimed in two rounds: half a second's worth in the
-tick's transaction, queued at once, and the rest in a second short transaction under the same
-lock. A claim costs Postgres about 12 ms per batch, so the default three seconds' worth in one
-round kept the first request waiting half a second for it.
+An account with nothing in flight that wants more than half a second of its rate (a worker that
+starts with a due backlog, an idle account that gets busy) is claimed in two rounds: half a
+second's worth in the tick's transaction, queued at once, and the rest in a second short
+transaction under the same lock. A claim costs Postgres about 12 ms per batch, so the default
+three seconds' worth in one round kept the first request waiting half a second for it.
 """
 
 from __future__ import annotations
@@ -60,8 +60,12 @@ def batches_wanted(settings: Settings, in_flight: int) -> int:
 FIRST_ROUND_SECONDS = 0.5
 
 
-def first_round(settings: Settings, wanted: int) -> int:
-    """How many of the `wanted` batches an account gets in a tick's first round."""
+def first_round(settings: Settings, wanted: int, in_flight: int = 0) -> int:
+    """How many of the `wanted` batches an account gets in a tick's first round: all of them
+    while it has some in flight (a steady tick tops up half a second's worth anyway), else
+    half a second's worth."""
+    if in_flight:
+        return wanted
     return min(wanted, math.ceil(settings.effective_rate_per_second * FIRST_ROUND_SECONDS))
 
 
@@ -194,14 +198,15 @@ class _Claim:
         self,
         conn: Connection,
         accounts: Sequence[str],
-        cap: Callable[[Settings, int], int] | None = None,
+        cap: Callable[[Settings, int, int], int] | None = None,
     ) -> list[Batch]:
         settings = self.settings
         in_flight = store.inflight_batches(conn)
         per_account: list[list[Batch]] = []
         for name in accounts:
-            wanted = batches_wanted(settings, in_flight.get(name, 0))
-            now = cap(settings, wanted) if cap is not None else wanted
+            flying = in_flight.get(name, 0)
+            wanted = batches_wanted(settings, flying)
+            now = cap(settings, wanted, flying) if cap is not None else wanted
             self.left[name] = wanted - now
             if now == 0:
                 continue

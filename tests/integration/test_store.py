@@ -390,6 +390,13 @@ def test_a_tick_queues_half_a_second_of_batches_before_claiming_the_rest(engine,
     assert queued == [first, wanted - first]
     assert leased_when_queued == [first * 10, wanted * 10]
     assert len(report.batches) == wanted
+    # With batches in flight, a tick tops up in one round.
+    with engine.begin() as conn:
+        conn.execute(text("DELETE FROM poll_batches WHERE id = ANY(:ids)"),
+                     {"ids": [batch.id for batch in report.batches[:first + 1]]})  # fmt: skip
+    queued.clear()
+    again = scheduler.schedule_tick(engine, settings, enqueue)
+    assert queued == [first + 1] and len(again.batches) == first + 1
 
 
 def test_the_second_round_leaves_the_rest_to_a_tick_that_holds_the_lock(engine, make_settings):
