@@ -147,11 +147,11 @@ def schedule_tick(
         report.lapsed = store.drop_lapsed_batches(conn)
         if report.expired or _unpollable_check_due():
             _report_unpollable(store.unpollable(conn, list(settings.accounts)))
-        first = claim.round(conn, accounts, first_round)
+        first = claim.round(conn, accounts, first=True)
     report.batches = first
     if first:
         enqueue(first)
-    more = [name for name in accounts if claim.left.get(name)]
+    more = [name for name in accounts if name in claim.wanting_more]
     if more:
         with engine.begin() as conn:
             # Another tick that took the lock meanwhile claims for itself.
@@ -180,8 +180,8 @@ def schedule_tick(
 
 class _Claim:
     """A tick's claims, one round at a time (see the module docstring): each round claims what
-    each account wants now, or with `cap` only part of it, and remembers in `left` the accounts
-    that want more."""
+    each account wants now, the first round only `first_round` of it, and remembers in
+    `wanting_more` the accounts it left wanting more."""
 
     def __init__(
         self,
@@ -192,13 +192,14 @@ class _Claim:
         self.settings = settings
         self.skip_oas = skip_oas
         self.notfound = notfound
-        self.left: dict[str, int] = {}
+        self.wanting_more: set[str] = set()
 
     def round(
         self,
         conn: Connection,
         accounts: Sequence[str],
-        cap: Callable[[Settings, int, int], int] | None = None,
+        *,
+        first: bool = False,
     ) -> list[Batch]:
         settings = self.settings
         in_flight = store.inflight_batches(conn)
@@ -206,8 +207,8 @@ class _Claim:
         for name in accounts:
             flying = in_flight.get(name, 0)
             wanted = batches_wanted(settings, flying)
-            now = cap(settings, wanted, flying) if cap is not None else wanted
-            self.left[name] = wanted - now
+            now = first_round(settings, wanted, flying) if first else wanted
+            self.wanting_more.discard(name)
             if now == 0:
                 continue
             limits = self.notfound.limits(name) if self.notfound is not None else None
@@ -221,7 +222,7 @@ class _Claim:
                 settings.poll_batch_fill_seconds,
                 limits=limits,
             )
-            if len(batches) < now:
-                self.left[name] = 0  # nothing more is due
+            if now < wanted and len(batches) == now:  # short of `now`: nothing more is due
+                self.wanting_more.add(name)
             per_account.append(batches)
         return interleave_accounts(per_account)
