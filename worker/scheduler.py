@@ -14,7 +14,7 @@ therefore never holds much more than the limiter can drain in a couple of second
 An account with nothing in flight that wants more than half a second of its rate (a worker that
 starts with a due backlog, an idle account that gets busy) is claimed in two rounds: half a
 second's worth in the tick's transaction, queued at once, and the rest in a second short
-transaction under the same lock. A claim costs Postgres about 12 ms per batch, so the default
+transaction under the same lock. A claim costs Postgres 9–12 ms per batch, so the default
 three seconds' worth in one round kept the first request waiting half a second for it.
 """
 
